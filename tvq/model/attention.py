@@ -1,0 +1,200 @@
+"""Attention kernels with Transformer-XL relative biases.
+
+All kernels take queries grouped by key/value head and compute, for query i and key j,
+
+    score(i, j) = (q_i + u) . k_j + [0 <= i - j <= L] (q_i + w) . r(i - j)
+
+over causal keys, with one softmax in float32. Shapes: q [B, T, h, G, K],
+k [B, T, h, K], v [B, T, h, V], u and w [h, G, K], r [L + 1, h, K]; outputs are
+[B, T, h, G, V] in the dtype of v.
+
+- `vq_attention`: linear time. Keys must be codewords (k_j = c_{z_j}). A query in block
+  n attends exactly to blocks n-1 and n and to the compressed cache of blocks <= n-2.
+- `quadratic_attention`: materialises all T x T scores; the oracle for the above when
+  given the same quantised keys.
+- `full_attention`: the quadratic-time baseline, one query block at a time so that
+  memory stays O(L T).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tvq.model.cache import compressed_cache
+from tvq.model.positions import relative_window_bias
+
+# Masked scores: finite, so that masked entries get zero probability and zero gradient
+# without producing inf - inf.
+MASKED_SCORE = -1e30
+
+
+def _check_shapes(q, k, v, u, w, r, block_len):
+    B, T, h, G, K = q.shape
+    assert k.shape == (B, T, h, K), (k.shape, q.shape)
+    assert v.shape[:3] == (B, T, h), (v.shape, q.shape)
+    assert u.shape == w.shape == (h, G, K), (u.shape, w.shape, q.shape)
+    assert r.shape == (block_len + 1, h, K), (r.shape, block_len)
+    assert T % block_len == 0, (T, block_len)
+
+
+def _blocks(x: jnp.ndarray, block_len: int) -> jnp.ndarray:
+    """[B, T, ...] -> [B, R, L, ...]."""
+    return x.reshape(x.shape[0], x.shape[1] // block_len, block_len, *x.shape[2:])
+
+
+def _window(x: jnp.ndarray) -> jnp.ndarray:
+    """[B, R, L, ...] -> [B, R, 2L, ...]: the previous block (zeros for block 0), then this one."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (1, 0)
+    previous = jnp.pad(x, pad)[:, :-1]
+    return jnp.concatenate([previous, x], axis=2)
+
+
+def _window_mask(n_block: int, block_len: int) -> jnp.ndarray:
+    """[R, L, 2L] True where window key j' is visible to query i of block n."""
+    query = jnp.arange(block_len)[None, :, None]
+    key = jnp.arange(2 * block_len)[None, None, :]
+    block = jnp.arange(n_block)[:, None, None]
+    causal = key <= query + block_len
+    exists = (block > 0) | (key >= block_len)
+    return causal & exists
+
+
+def vq_attention(
+    q: jnp.ndarray,
+    k_hat: jnp.ndarray,
+    v: jnp.ndarray,
+    z: jnp.ndarray,
+    codebook: jnp.ndarray,
+    u: jnp.ndarray,
+    w: jnp.ndarray,
+    r: jnp.ndarray,
+    *,
+    block_len: int,
+    reduction: str,
+) -> jnp.ndarray:
+    """Linear-time attention over quantised keys k_hat = codebook[z] (see module doc).
+
+    z is [B, T, h] and codebook [h, S, K]. Gradients reach keys only through the two
+    exact blocks, because the cache scores use the codebook, which is not trained by
+    gradient.
+    """
+    _check_shapes(q, k_hat, v, u, w, r, block_len)
+    B, T, h, G, K = q.shape
+    L = block_len
+    R = T // L
+    S = codebook.shape[1]
+    assert z.shape == (B, T, h), (z.shape, q.shape)
+    assert codebook.shape == (h, S, K), (codebook.shape, q.shape)
+
+    qu = _blocks(q + u.astype(q.dtype), L)
+    qw = _blocks(q + w.astype(q.dtype), L)
+    k_window = _window(_blocks(k_hat, L))
+    v_window = _window(_blocks(v, L))
+
+    # Exact part: the previous and the current block.
+    window_scores = jnp.einsum(
+        "brihgk,brjhk->brhgij", qu, k_window, preferred_element_type=jnp.float32
+    )
+    window_scores = window_scores + relative_window_bias(qw, r)
+    mask = _window_mask(R, L)[None, :, None, None]
+    window_scores = jnp.where(mask, window_scores, MASKED_SCORE)
+
+    # Compressed part: one score per code for all blocks <= n-2, which are farther than
+    # L from every query of block n, so they carry no position term.
+    counts, means = compressed_cache(_blocks(z, L), _blocks(v, L), S, reduction)
+    cache_scores = jnp.einsum(
+        "brihgk,hsk->brhgis", qu, codebook.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    log_counts = jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1.0)), MASKED_SCORE)
+    cache_scores = cache_scores + log_counts[:, :, :, None, None, :]
+
+    # One softmax over both parts, normalised after the weighted sums.
+    max_score = jnp.maximum(window_scores.max(-1), cache_scores.max(-1))
+    max_score = jax.lax.stop_gradient(max_score)[..., None]
+    window_weights = jnp.exp(window_scores - max_score)
+    cache_weights = jnp.exp(cache_scores - max_score)
+    normaliser = window_weights.sum(-1) + cache_weights.sum(-1)
+
+    out = jnp.einsum(
+        "brhgij,brjhv->brhgiv",
+        window_weights.astype(v.dtype),
+        v_window,
+        preferred_element_type=jnp.float32,
+    )
+    out = out + jnp.einsum(
+        "brhgis,brhsv->brhgiv",
+        cache_weights.astype(v.dtype),
+        means.astype(v.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    out = out / normaliser[..., None]
+    out = jnp.einsum("brhgiv->brihgv", out).reshape(B, T, h, G, v.shape[-1])
+    return out.astype(v.dtype)
+
+
+def quadratic_attention(q, k, v, u, w, r, *, block_len: int) -> jnp.ndarray:
+    """Plain causal softmax attention with all T x T scores materialised."""
+    _check_shapes(q, k, v, u, w, r, block_len)
+    T = q.shape[1]
+
+    scores = jnp.einsum(
+        "bihgk,bjhk->bhgij", q + u.astype(q.dtype), k, preferred_element_type=jnp.float32
+    )
+    by_distance = jnp.einsum(
+        "bihgk,dhk->bhgid", q + w.astype(q.dtype), r.astype(q.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    distance = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+    in_window = (distance >= 0) & (distance <= block_len)
+    index = jnp.broadcast_to(jnp.clip(distance, 0, block_len), scores.shape)
+    position = jnp.take_along_axis(by_distance, index, axis=-1)
+    scores = scores + jnp.where(in_window, position, 0.0)
+    scores = jnp.where(distance >= 0, scores, MASKED_SCORE)
+
+    weights = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum(
+        "bhgij,bjhv->bihgv", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.astype(v.dtype)
+
+
+def full_attention(q, k, v, u, w, r, *, block_len: int) -> jnp.ndarray:
+    """Quadratic-time causal attention, scanning over query blocks of length L.
+
+    Each step scores one query block against all T keys (future keys are computed and
+    masked, as dense attention does), and is rematerialised in the backward pass so
+    that only one [L, T] score matrix is live at a time.
+    """
+    _check_shapes(q, k, v, u, w, r, block_len)
+    B, T, h, G, K = q.shape
+    L = block_len
+    R = T // L
+    qu = jnp.moveaxis(_blocks(q + u.astype(q.dtype), L), 1, 0)
+    qw = jnp.moveaxis(_blocks(q + w.astype(q.dtype), L), 1, 0)
+
+    @jax.checkpoint
+    def attend_block(n, qu_n, qw_n):
+        scores = jnp.einsum("bihgk,bjhk->bhgij", qu_n, k, preferred_element_type=jnp.float32)
+
+        # The position term covers keys (n-1)L .. (n+1)L - 1; padding L columns in front
+        # keeps that window in range for block 0, whose previous block does not exist.
+        position = relative_window_bias(qw_n[:, None], r)[:, 0]
+        padded = jnp.zeros(scores.shape[:-1] + (T + L,), jnp.float32)
+        padded = jax.lax.dynamic_update_slice_in_dim(padded, position, n * L, axis=-1)
+        scores = scores + padded[..., L:]
+
+        visible = jnp.arange(T)[None, :] <= n * L + jnp.arange(L)[:, None]
+        scores = jnp.where(visible, scores, MASKED_SCORE)
+        weights = jax.nn.softmax(scores, axis=-1)
+        return jnp.einsum(
+            "bhgij,bjhv->bihgv", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
+
+    def step(carry, inputs):
+        return carry, attend_block(*inputs)
+
+    _, out = jax.lax.scan(step, None, (jnp.arange(R), qu, qw))
+    out = jnp.moveaxis(out, 0, 1).reshape(B, T, h, G, v.shape[-1])
+    return out.astype(v.dtype)
