@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def _add_bench_attention(subparsers) -> None:
         "--sequence-lens", type=_positive_int, nargs="+", default=[2048, 8192, 32768],
         help="sequence lengths T in tokens (default: 2048 8192 32768)",
     )
+
     parser.add_argument(
         "--head-types", nargs="+", choices=HEAD_TYPES, default=list(HEAD_TYPES),
         help="head types (default: all)",
@@ -44,10 +46,12 @@ def _add_bench_attention(subparsers) -> None:
         "--dtypes", nargs="+", choices=DTYPES, default=["float32", "bfloat16"],
         help="activation dtypes (default: float32 bfloat16)",
     )
+
     parser.add_argument("--d-model", type=_positive_int, default=768, help="model width D")
     parser.add_argument("--d-k", type=_positive_int, default=128, help="key width K")
     parser.add_argument("--n-code", type=_positive_int, default=512, help="codebook size S")
     parser.add_argument("--block-len", type=_positive_int, default=512, help="block length L")
+
     parser.add_argument(
         "--repeats", type=_positive_int, default=3,
         help="timed steps per configuration after one warm-up step (default: 3)",
@@ -58,8 +62,12 @@ def _add_bench_attention(subparsers) -> None:
     )
     parser.add_argument(
         "--matmul-size", type=_positive_int, default=4096,
-        help="side of the square float32 matmul that sets the ceiling (default: 4096)",
+        help=(
+            "largest side of the square float32 matmuls (this, 1/2 and 1/4 of it) whose "
+            "best GFLOP/s is the ceiling (default: 4096)"
+        ),
     )
+
     parser.add_argument("--out", type=Path, help="write the rows to this .csv or .json file")
     parser.set_defaults(handler=_run_bench_attention)
 
@@ -92,6 +100,66 @@ def _run_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+DATASETS = ("enwik8", "text")
+
+
+def _add_prepare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="download or read a dataset and write its token splits",
+        description=(
+            "Write train.npy, validation.npy and test.npy (memory-mappable token ids in the "
+            "smallest unsigned dtype that fits) and manifest.json into --out-dir. The folder "
+            "is replaced only when every file is complete."
+        ),
+    )
+    parser.add_argument(
+        "--dataset", required=True, choices=DATASETS,
+        help=(
+            "enwik8: the canonical enwik8 (split 90M/5M/5M bytes) or any file of the same "
+            "kind (split 90%%/5%%/5%%, marked non-canonical); text: local text or XML files "
+            "as bytes, split 90%%/5%%/5%%"
+        ),
+    )
+    parser.add_argument(
+        "--source", nargs="+",
+        help=(
+            "URL or local path; a zip holding one file, bz2, gz or plain. For enwik8 the "
+            "default is the canonical http://mattmahoney.net/dc/enwik8.zip; for text, one "
+            "or more local files"
+        ),
+    )
+    parser.add_argument("--out-dir", type=Path, required=True, help="folder for the splits")
+
+    parser.add_argument(
+        "--download-dir", type=Path, default=Path("resources/downloads"),
+        help="where downloads and their resumable .part files go (default: resources/downloads)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from tvq.data.enwik8 import ENWIK8_URL, prepare_enwik8, prepare_text
+
+    progress = not args.no_progress
+    if args.dataset == "enwik8":
+        sources = args.source or [ENWIK8_URL]
+        if len(sources) != 1:
+            raise UsageError("--dataset enwik8 takes one --source")
+        prepare_enwik8(sources[0], args.out_dir, args.download_dir, progress=progress)
+    else:
+        if not args.source:
+            raise UsageError("--dataset text needs one or more --source files")
+        prepare_text(args.source, args.out_dir, progress=progress)
+    print(f"wrote {args.out_dir}/{{train,validation,test}}.npy and manifest.json")
+    return 0
+
+
+class UsageError(Exception):
+    """A combination of options that cannot work."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvq",
@@ -103,12 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_subparsers = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_bench_attention(bench_subparsers)
+    _add_prepare(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a known user error prints one line and returns exit status 1."""
+    from tvq.data.errors import DataError
+    from tvq.model.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (DataError, ConfigError, UsageError) as error:
+        print(f"tvq {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

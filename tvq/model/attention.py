@@ -4,8 +4,8 @@ All kernels take queries grouped by key/value head and compute, for query i and 
 
     score(i, j) = (q_i + u) . k_j + [0 <= i - j <= L] (q_i + w) . r(i - j)
 
-over causal keys, with one softmax in float32. Shapes: q [B, T, h, G, K],
-k [B, T, h, K], v [B, T, h, V], u and w [h, G, K], r [L + 1, h, K]; outputs are
+over causal keys, with one softmax in float32. The inputs are q [B, T, h, G, K],
+k [B, T, h, K], v [B, T, h, V], u and w [h, G, K] and r [L + 1, h, K]. The output is
 [B, T, h, G, V] in the dtype of v.
 
 - `vq_attention`: linear time. Keys must be codewords (k_j = c_{z_j}). A query in block

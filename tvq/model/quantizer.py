@@ -1,8 +1,8 @@
 """Vector quantiser for keys, with a codebook kept as exponential moving averages.
 
-The codebook is not a parameter: it lives in the "codebook" variable collection as a
-running sum of assigned keys and a running count per code, updated from training
-batches when that collection is mutable, and never seen by the optimiser.
+The codebook is not a parameter. It lives in the "codebook" variable collection as a
+running sum of assigned keys and a running count per code. Applying a training batch
+with that collection mutable updates both, and the optimiser never sees them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Datasets: download, split preparation, vocabularies and batch iterators."""

@@ -1,0 +1,96 @@
+"""Writing prepared splits: token files plus manifest.json, all or nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvq.data.errors import DataError
+
+SPLITS = ("train", "validation", "test")
+MANIFEST = "manifest.json"
+
+
+def token_path(data_dir: Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}.npy"
+
+
+@contextlib.contextmanager
+def staged_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield an empty staging folder that replaces out_dir only if the block succeeds.
+
+    On an exception the staging folder is deleted and out_dir keeps whatever it held
+    before, so a later stage never mistakes half-written files for finished output.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    # mkdtemp creates the folder private to its owner; give it the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    previous = None
+    if out_dir.exists():
+        previous = out_dir.with_name(f".{out_dir.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        out_dir.rename(previous)
+    staging.rename(out_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_splits(
+    out_dir: Path, tokens: dict[str, np.ndarray], manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write {split}.npy for each split and manifest.json into out_dir atomically."""
+    for split in SPLITS:
+        if split not in tokens:
+            raise DataError(f"split {split!r} is missing from the prepared data")
+        if len(tokens[split]) == 0:
+            raise DataError(f"split {split!r} is empty; the input is too small to split")
+
+    manifest = {
+        **manifest,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with staged_output_dir(out_dir) as staging:
+        for split in SPLITS:
+            np.save(token_path(staging, split), tokens[split], allow_pickle=False)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_manifest(data_dir: Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        raise DataError(
+            f"{path} not found; run `tvq prepare` for this dataset with --out-dir {data_dir}"
+        )
+    return json.loads(path.read_text())
+
+
+def load_split(data_dir: Path, split: str) -> np.ndarray:
+    """Memory-map the token file of one split."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = token_path(data_dir, split)
+    if not path.exists():
+        raise DataError(
+            f"token file {path} not found; run `tvq prepare` with --out-dir {data_dir}"
+        )
+    return np.load(path, mmap_mode="r", allow_pickle=False)
