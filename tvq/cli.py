@@ -135,6 +135,10 @@ def _add_prepare(subparsers) -> None:
         "--download-dir", type=Path, default=Path("resources/downloads"),
         help="where downloads and their resumable .part files go (default: resources/downloads)",
     )
+    parser.add_argument(
+        "--vocab", type=Path,
+        help="SentencePiece .model from `tvq vocab` (dataset text only; default: bytes)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_run_prepare)
 
@@ -143,6 +147,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from tvq.data.enwik8 import ENWIK8_URL, prepare_enwik8, prepare_text
 
     progress = not args.no_progress
+    if args.vocab is not None and args.dataset != "text":
+        raise UsageError(f"--vocab applies to --dataset text, not {args.dataset}")
     if args.dataset == "enwik8":
         sources = args.source or [ENWIK8_URL]
         if len(sources) != 1:
@@ -151,8 +157,54 @@ def _run_prepare(args: argparse.Namespace) -> int:
     else:
         if not args.source:
             raise UsageError("--dataset text needs one or more --source files")
-        prepare_text(args.source, args.out_dir, progress=progress)
+        prepare_text(args.source, args.out_dir, vocab_model=args.vocab)
     print(f"wrote {args.out_dir}/{{train,validation,test}}.npy and manifest.json")
+    return 0
+
+
+def _add_vocab(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "vocab",
+        help="train a SentencePiece BPE vocabulary on a train split",
+        description=(
+            "Train a SentencePiece BPE vocabulary (pad 0, eos 1, unk 2, no bos) on the "
+            "train portion of a corpus and write it atomically to --out (.model, with the "
+            ".vocab listing beside it)."
+        ),
+    )
+    parser.add_argument(
+        "--source", nargs="+", required=True, type=Path,
+        help="local text files; the vocabulary sees only their first 90%% (the train split)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="path of the .model file")
+    parser.add_argument(
+        "--vocab-size", type=_positive_int, default=32_000,
+        help=(
+            "number of pieces, including 3 special ids and 256 byte-fallback pieces "
+            "(default: 32000, as for PG-19)"
+        ),
+    )
+    parser.add_argument(
+        "--max-sentences", type=_positive_int, default=10_000_000,
+        help="lines sampled for training, which bounds memory (default: 10000000)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.set_defaults(handler=_run_vocab)
+
+
+def _run_vocab(args: argparse.Namespace) -> int:
+    from tvq.data.enwik8 import split_bounds
+    from tvq.data.raw import read_maybe_compressed
+    from tvq.data.sentencepiece_vocab import train_sentencepiece
+
+    content = b"".join(read_maybe_compressed(path) for path in args.source)
+    train_stop = split_bounds(len(content))[0][1]
+    text = content[:train_stop].decode("utf-8", errors="replace")
+    train_sentencepiece(
+        [text], args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
+        seed=args.seed,
+    )
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -172,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_subparsers = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_bench_attention(bench_subparsers)
     _add_prepare(subparsers)
+    _add_vocab(subparsers)
     return parser
 
 
@@ -182,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # JAX logs at INFO which backends it could not find (TPU, GPU) on every start.
+    logging.getLogger("jax").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except (DataError, ConfigError, UsageError) as error:

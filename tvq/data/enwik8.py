@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
 import tvq
 from tvq.data import vocab
 from tvq.data.download import download, is_url
@@ -148,8 +150,47 @@ def prepare_enwik8(
     return manifest
 
 
-def prepare_text(sources: list[str], out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Prepare byte-level splits from local text or XML files, concatenated in order."""
+def _cut_at_newline(content: bytes, position: int) -> int:
+    """Move a split point to just after the next newline, so no line or character is cut."""
+    newline = content.find(b"\n", position)
+    return len(content) if newline == -1 else newline + 1
+
+
+def sentencepiece_splits_manifest(
+    content: bytes, vocab_model: Path
+) -> tuple[dict, dict[str, Any]]:
+    """Split text 90/5/5 at line boundaries and encode each split with SentencePiece."""
+    from tvq.data.sentencepiece_vocab import SentencePieceVocab
+
+    spm_vocab = SentencePieceVocab(vocab_model)
+    bounds = [(start, stop) for start, stop in split_bounds(len(content))]
+    cuts = [0, _cut_at_newline(content, bounds[0][1]), _cut_at_newline(content, bounds[1][1])]
+    cuts.append(len(content))
+
+    tokens, described = {}, {}
+    for index, split in enumerate(SPLITS):
+        piece = content[cuts[index] : cuts[index + 1]]
+        text = piece.decode("utf-8", errors="replace")
+        ids = [spm_vocab.encode(line) for line in text.splitlines(keepends=True)]
+        tokens[split] = np.concatenate(ids) if ids else np.zeros(0, spm_vocab.dtype)
+        described[split] = {
+            "tokens": len(tokens[split]),
+            "bytes": len(piece),
+            "words": len(piece.split()),
+            "byte_range": [cuts[index], cuts[index + 1]],
+        }
+    manifest = {"vocab": spm_vocab.describe(), "dtype": str(spm_vocab.dtype), "splits": described}
+    return tokens, manifest
+
+
+def prepare_text(
+    sources: list[str], out_dir: Path, *, vocab_model: Path | None = None
+) -> dict[str, Any]:
+    """Prepare splits from local text or XML files, concatenated in order.
+
+    Tokens are bytes, or SentencePiece ids when vocab_model is given, in which case the
+    90/5/5 split points move to the next line break.
+    """
     if not sources:
         raise DataError("no input files given; pass one or more --source files")
     parts = []
@@ -161,7 +202,10 @@ def prepare_text(sources: list[str], out_dir: Path, *, progress: bool = True) ->
     if not content:
         raise DataError(f"input files {', '.join(sources)} are empty; pass non-empty text")
 
-    tokens, manifest = byte_splits_manifest(content)
+    if vocab_model is None:
+        tokens, manifest = byte_splits_manifest(content)
+    else:
+        tokens, manifest = sentencepiece_splits_manifest(content, Path(vocab_model))
     manifest = {
         "dataset": "text",
         "source": list(sources),
@@ -173,6 +217,3 @@ def prepare_text(sources: list[str], out_dir: Path, *, progress: bool = True) ->
         **manifest,
     }
     return write_splits(out_dir, tokens, manifest)
-
-
-
