@@ -29,7 +29,7 @@ def test_eval_scores_every_token_once(n_tokens, batch_size):
 
 def test_split_shorter_than_sequence():
     tokens = np.arange(10, dtype=np.uint16)
-    with pytest.raises(DataError, match="holds 10 tokens, fewer than one sequence of 16"):
+    with pytest.raises(DataError, match="contains 10 tokens, fewer than one sequence of 16"):
         list(eval_batches(tokens, batch_size=2, sequence_len=16))
     with pytest.raises(DataError, match="fewer than one sequence"):
         train_batches(tokens, seed=0, batch_size=2, sequence_len=16, num_steps=3)

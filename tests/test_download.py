@@ -120,7 +120,7 @@ def test_prepare_wrong_size_from_canonical_url(tmp_path):
     served = ServedFiles(files={"/enwik8.zip": zipped(generated_text(50_000))})
     with serve(served) as base:
         url = f"{base}/enwik8.zip"
-        with pytest.raises(DataError, match="holds 50,000 bytes.*not enwik8's 100,000,000"):
+        with pytest.raises(DataError, match="contains 50,000 bytes.*not enwik8's 100,000,000"):
             prepare_enwik8(url, tmp_path / "out", tmp_path / "downloads", reference=ENWIK8,
                            canonical_url=url, progress=False)
     assert not (tmp_path / "out").exists()

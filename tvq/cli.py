@@ -212,6 +212,35 @@ class UsageError(Exception):
     """A combination of options that cannot work."""
 
 
+def _add_bench_data(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "data",
+        help="time split preparation of a file and the training batch iterator",
+        description=(
+            "Prepare --source as enwik8-style byte splits in a temporary folder, printing "
+            "the time and MB/s, then time --batches training batches from its train split."
+        ),
+    )
+    parser.add_argument(
+        "--source", type=Path, required=True, help="local text file (or zip, bz2, gz)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch")
+    parser.add_argument(
+        "--sequence-len", type=_positive_int, default=8192, help="tokens per sequence"
+    )
+    parser.add_argument(
+        "--batches", type=_positive_int, default=200, help="batches to time (default: 200)"
+    )
+    parser.set_defaults(handler=_run_bench_data)
+
+
+def _run_bench_data(args: argparse.Namespace) -> int:
+    from tvq.bench import data
+
+    data.run(args.source, args.batch_size, args.sequence_len, args.batches)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvq",
@@ -223,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_subparsers = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_bench_attention(bench_subparsers)
+    _add_bench_data(bench_subparsers)
     _add_prepare(subparsers)
     _add_vocab(subparsers)
     return parser

@@ -23,7 +23,7 @@ Batch = dict[str, np.ndarray]
 def _check_length(tokens: np.ndarray, sequence_len: int, name: str) -> None:
     if len(tokens) < sequence_len:
         raise DataError(
-            f"{name} holds {len(tokens):,} tokens, fewer than one sequence of "
+            f"{name} contains {len(tokens):,} tokens, fewer than one sequence of "
             f"{sequence_len:,}; lower sequence_len or prepare more data"
         )
 
@@ -60,7 +60,7 @@ def train_batches(
     """Yield the training batches of steps start_step .. num_steps - 1.
 
     Batches are assembled ahead of the consumer by background threads (grain), and
-    resuming at start_step k yields exactly the batches an uninterrupted run sees.
+    resuming at start_step k yields exactly the batches of an uninterrupted run.
     """
     _check_length(tokens, sequence_len, "the train split")
     make_batch = functools.partial(

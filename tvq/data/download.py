@@ -24,7 +24,7 @@ def is_url(source: str) -> bool:
 
 
 def partial_path(dest: Path) -> Path:
-    """Where a download in progress is kept, so that a rerun can resume it."""
+    """Return where a download in progress is kept, so that a rerun can resume it."""
     return dest.with_name(dest.name + ".part")
 
 
@@ -70,7 +70,7 @@ def download(
     """Download url to dest, resuming a partial file left by an earlier attempt.
 
     Bytes arrive in `dest.part`, which is renamed to dest only once the server's
-    Content-Length has been received in full, so dest never holds a truncated file.
+    Content-Length has been received in full, so dest is never a truncated file.
     Connection errors and short reads are retried `retries` times with exponential
     backoff; HTTP errors such as 404 are not.
     """

@@ -116,7 +116,7 @@ def prepare_enwik8(
         if source == canonical_url and not canonical:
             sha1 = hashlib.sha1(content).hexdigest()
             raise DataError(
-                f"{raw_path} from {source} holds {len(content):,} bytes with sha1 {sha1}, "
+                f"{raw_path} from {source} contains {len(content):,} bytes with sha1 {sha1}, "
                 f"not enwik8's {reference.size:,} bytes with sha1 {reference.sha1}; "
                 "the download was deleted, rerun to fetch it again"
             )

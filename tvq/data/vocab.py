@@ -17,7 +17,7 @@ BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
 
 
 def smallest_uint_dtype(vocab_size: int) -> np.dtype:
-    """Return the smallest unsigned integer dtype that holds ids 0 .. vocab_size - 1."""
+    """Return the smallest unsigned integer dtype for ids 0 .. vocab_size - 1."""
     for dtype in (np.uint8, np.uint16, np.uint32):
         if vocab_size - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)
