@@ -43,12 +43,17 @@ def _blocks(x: jnp.ndarray, block_len: int) -> jnp.ndarray:
     return x.reshape(x.shape[0], x.shape[1] // block_len, block_len, *x.shape[2:])
 
 
+def _head_major_blocks(x: jnp.ndarray, block_len: int) -> jnp.ndarray:
+    """[B, T, h, ..., C] -> [B, R, h, ..., L, C], so each einsum is a plain batched matmul."""
+    x = _blocks(x, block_len)
+    return jnp.moveaxis(x, 2, -2)
+
+
 def _window(x: jnp.ndarray) -> jnp.ndarray:
-    """[B, R, L, ...] -> [B, R, 2L, ...]: the previous block (zeros for block 0), then this one."""
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (1, 0)
-    previous = jnp.pad(x, pad)[:, :-1]
-    return jnp.concatenate([previous, x], axis=2)
+    """[B, R, h, L, C] -> [B, R, h, 2L, C]: the previous block (zeros for block 0), then
+    this one."""
+    previous = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
+    return jnp.concatenate([previous, x], axis=-2)
 
 
 def _window_mask(n_block: int, block_len: int) -> jnp.ndarray:
@@ -88,14 +93,14 @@ def vq_attention(
     assert z.shape == (B, T, h), (z.shape, q.shape)
     assert codebook.shape == (h, S, K), (codebook.shape, q.shape)
 
-    qu = _blocks(q + u.astype(q.dtype), L)
-    qw = _blocks(q + w.astype(q.dtype), L)
-    k_window = _window(_blocks(k_hat, L))
-    v_window = _window(_blocks(v, L))
+    qu = _head_major_blocks(q + u.astype(q.dtype), L)  # [B, R, h, G, L, K]
+    qw = _head_major_blocks(q + w.astype(q.dtype), L)
+    k_window = _window(_head_major_blocks(k_hat, L))  # [B, R, h, 2L, K]
+    v_window = _window(_head_major_blocks(v, L))  # [B, R, h, 2L, V]
 
     # Exact part: the previous and the current block.
     window_scores = jnp.einsum(
-        "brihgk,brjhk->brhgij", qu, k_window, preferred_element_type=jnp.float32
+        "brhgik,brhjk->brhgij", qu, k_window, preferred_element_type=jnp.float32
     )
     window_scores = window_scores + relative_window_bias(qw, r)
     mask = _window_mask(R, L)[None, :, None, None]
@@ -105,7 +110,7 @@ def vq_attention(
     # L from every query of block n, so they carry no position term.
     counts, means = compressed_cache(_blocks(z, L), _blocks(v, L), S, reduction)
     cache_scores = jnp.einsum(
-        "brihgk,hsk->brhgis", qu, codebook.astype(q.dtype), preferred_element_type=jnp.float32
+        "brhgik,hsk->brhgis", qu, codebook.astype(q.dtype), preferred_element_type=jnp.float32
     )
     log_counts = jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1.0)), MASKED_SCORE)
     cache_scores = cache_scores + log_counts[:, :, :, None, None, :]
@@ -118,7 +123,7 @@ def vq_attention(
     normaliser = window_weights.sum(-1) + cache_weights.sum(-1)
 
     out = jnp.einsum(
-        "brhgij,brjhv->brhgiv",
+        "brhgij,brhjv->brhgiv",
         window_weights.astype(v.dtype),
         v_window,
         preferred_element_type=jnp.float32,
@@ -171,16 +176,21 @@ def full_attention(q, k, v, u, w, r, *, block_len: int) -> jnp.ndarray:
     B, T, h, G, K = q.shape
     L = block_len
     R = T // L
-    qu = jnp.moveaxis(_blocks(q + u.astype(q.dtype), L), 1, 0)
-    qw = jnp.moveaxis(_blocks(q + w.astype(q.dtype), L), 1, 0)
+    # Block axis first for the scan; keys and values head-major once, outside it.
+    qu = jnp.moveaxis(_head_major_blocks(q + u.astype(q.dtype), L), 1, 0)  # [R, B, h, G, L, K]
+    qw = jnp.moveaxis(_head_major_blocks(q + w.astype(q.dtype), L), 1, 0)
+    k_heads = jnp.einsum("bjhk->bhjk", k)
+    v_heads = jnp.einsum("bjhv->bhjv", v)
 
     @jax.checkpoint
     def attend_block(n, qu_n, qw_n):
-        scores = jnp.einsum("bihgk,bjhk->bhgij", qu_n, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(
+            "bhgik,bhjk->bhgij", qu_n, k_heads, preferred_element_type=jnp.float32
+        )
 
         # The position term covers keys (n-1)L .. (n+1)L - 1; padding L columns in front
         # keeps that window in range for block 0, whose previous block does not exist.
-        position = relative_window_bias(qw_n[:, None], r)[:, 0]
+        position = relative_window_bias(qw_n, r)
         padded = jnp.zeros(scores.shape[:-1] + (T + L,), jnp.float32)
         padded = jax.lax.dynamic_update_slice_in_dim(padded, position, n * L, axis=-1)
         scores = scores + padded[..., L:]
@@ -189,12 +199,13 @@ def full_attention(q, k, v, u, w, r, *, block_len: int) -> jnp.ndarray:
         scores = jnp.where(visible, scores, MASKED_SCORE)
         weights = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum(
-            "bhgij,bjhv->bihgv", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+            "bhgij,bhjv->bhgiv", weights.astype(v.dtype), v_heads,
+            preferred_element_type=jnp.float32,
         )
 
     def step(carry, inputs):
         return carry, attend_block(*inputs)
 
-    _, out = jax.lax.scan(step, None, (jnp.arange(R), qu, qw))
-    out = jnp.moveaxis(out, 0, 1).reshape(B, T, h, G, v.shape[-1])
+    _, out = jax.lax.scan(step, None, (jnp.arange(R), qu, qw))  # [R, B, h, G, L, V]
+    out = jnp.einsum("rbhgiv->brihgv", out).reshape(B, T, h, G, v.shape[-1])
     return out.astype(v.dtype)

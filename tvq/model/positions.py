@@ -19,29 +19,29 @@ def relative_window_bias(qw: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
     """Position term (q_i + w) . r(i - j) for every query of a block and its 2L-key window.
 
     Args:
-      qw: [B, R, L, h, G, K] queries with the position bias vector w added.
+      qw: [..., h, G, L, K] queries of each block, with the position bias vector w added.
       r: [L + 1, h, K] projected position features; r[d] is for distance d.
 
     Returns:
-      [B, R, h, G, L, 2L] scores for window keys j' (the previous block's L keys, then
+      [..., h, G, L, 2L] scores for window keys j' (the previous block's L keys, then
       the current block's L keys). Query i sits at window position i + L, so the
       distance is i + L - j'. Distances above L get 0, which is the bias window;
       negative distances (future keys) hold arbitrary values and must be masked.
     """
-    B, R, L, h, G, K = qw.shape
+    *lead, h, G, L, K = qw.shape
     assert r.shape == (L + 1, h, K), (r.shape, qw.shape)
 
     # Column e of `by_offset` is distance L - e, so the columns run from distance L
     # down to 0 and a key at window position j' reads column j' - i.
     by_offset = jnp.einsum(
-        "brihgk,ehk->brhgie", qw, r[::-1].astype(qw.dtype), preferred_element_type=jnp.float32
+        "...hgik,ehk->...hgie", qw, r[::-1].astype(qw.dtype), preferred_element_type=jnp.float32
     )
 
     # Transformer-XL's relative shift: with L - 1 zero columns in front (distances
     # above L), one spare column behind, and each row flattened, reading L rows of 2L
     # from offset L - 1 moves row i left by L - 1 - i, which puts distance i + L - j'
     # at column j'.
-    padded = jnp.pad(by_offset, [(0, 0)] * 5 + [(L - 1, 1)])
-    flat = padded.reshape(B, R, h, G, L * (2 * L + 1))
+    padded = jnp.pad(by_offset, [(0, 0)] * (by_offset.ndim - 1) + [(L - 1, 1)])
+    flat = padded.reshape(*lead, h, G, L * (2 * L + 1))
     shifted = flat[..., L - 1 : L - 1 + L * 2 * L]
-    return shifted.reshape(B, R, h, G, L, 2 * L)
+    return shifted.reshape(*lead, h, G, L, 2 * L)
