@@ -112,7 +112,7 @@ def test_text_dataset_concatenates_files(tmp_path):
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_bytes(b"first file " * 50)
     second.write_bytes(b"second file " * 50)
-    manifest = prepare_text([str(first), str(second)], tmp_path / "out", progress=False)
+    manifest = prepare_text([str(first), str(second)], tmp_path / "out")
     tokens = np.concatenate([load_split(tmp_path / "out", s) for s in SPLITS])
     assert vocab.decode_bytes(tokens) == first.read_bytes() + second.read_bytes()
     assert manifest["dataset"] == "text"

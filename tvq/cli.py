@@ -100,7 +100,7 @@ def _run_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
-DATASETS = ("enwik8", "text")
+DATASETS = ("enwik8", "text", "pg19", "imagenet64")
 
 
 def _add_prepare(subparsers) -> None:
@@ -117,16 +117,17 @@ def _add_prepare(subparsers) -> None:
         "--dataset", required=True, choices=DATASETS,
         help=(
             "enwik8: the canonical enwik8 (split 90M/5M/5M bytes) or any file of the same "
-            "kind (split 90%%/5%%/5%%, marked non-canonical); text: local text or XML files "
-            "as bytes, split 90%%/5%%/5%%"
+            "kind (split 90%%/5%%/5%%, marked non-canonical); text: local text or XML files, "
+            "split 90%%/5%%/5%%; pg19: TFDS pg19, books joined with eos; imagenet64: TFDS "
+            "imagenet_resized/64x64, 12,288 byte tokens per image. pg19 and imagenet64 need "
+            "the data extra and a TFDS data dir where the dataset is already built"
         ),
     )
     parser.add_argument(
         "--source", nargs="+",
         help=(
-            "URL or local path; a zip holding one file, bz2, gz or plain. For enwik8 the "
-            "default is the canonical http://mattmahoney.net/dc/enwik8.zip; for text, one "
-            "or more local files"
+            "enwik8: URL or local path, a zip holding one file, bz2, gz or plain (default: "
+            "the canonical http://mattmahoney.net/dc/enwik8.zip); text: one or more local files"
         ),
     )
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the splits")
@@ -137,7 +138,18 @@ def _add_prepare(subparsers) -> None:
     )
     parser.add_argument(
         "--vocab", type=Path,
-        help="SentencePiece .model from `tvq vocab` (dataset text only; default: bytes)",
+        help="SentencePiece .model from `tvq vocab` (text and pg19; default: bytes)",
+    )
+    parser.add_argument(
+        "--tfds-data-dir", type=Path,
+        help="TFDS data dir for pg19 and imagenet64 (default: TFDS's own, ~/tensorflow_datasets)",
+    )
+    parser.add_argument(
+        "--max-examples", type=_positive_int,
+        help=(
+            "pg19 and imagenet64: keep at most this many books or images per split, for "
+            "smoke runs; recorded in the manifest as non-canonical"
+        ),
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_run_prepare)
@@ -146,18 +158,36 @@ def _add_prepare(subparsers) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from tvq.data.enwik8 import ENWIK8_URL, prepare_enwik8, prepare_text
 
-    progress = not args.no_progress
-    if args.vocab is not None and args.dataset != "text":
-        raise UsageError(f"--vocab applies to --dataset text, not {args.dataset}")
+    tfds_only = {"--tfds-data-dir": args.tfds_data_dir, "--max-examples": args.max_examples}
+    for flag, value in tfds_only.items():
+        if value is not None and args.dataset not in ("pg19", "imagenet64"):
+            raise UsageError(f"{flag} applies to pg19 and imagenet64, not {args.dataset}")
+    if args.vocab is not None and args.dataset not in ("text", "pg19"):
+        raise UsageError(f"--vocab applies to text and pg19, not {args.dataset}")
+    if args.source and args.dataset in ("pg19", "imagenet64"):
+        raise UsageError(f"{args.dataset} is read from --tfds-data-dir, not --source")
+
     if args.dataset == "enwik8":
         sources = args.source or [ENWIK8_URL]
         if len(sources) != 1:
             raise UsageError("--dataset enwik8 takes one --source")
+        progress = not args.no_progress
         prepare_enwik8(sources[0], args.out_dir, args.download_dir, progress=progress)
-    else:
+    elif args.dataset == "text":
         if not args.source:
             raise UsageError("--dataset text needs one or more --source files")
         prepare_text(args.source, args.out_dir, vocab_model=args.vocab)
+    elif args.dataset == "pg19":
+        from tvq.data.tfds_sources import prepare_pg19
+
+        prepare_pg19(
+            args.out_dir, data_dir=args.tfds_data_dir, vocab_model=args.vocab,
+            max_books=args.max_examples,
+        )
+    else:
+        from tvq.data.tfds_sources import prepare_imagenet64
+
+        prepare_imagenet64(args.out_dir, data_dir=args.tfds_data_dir, max_images=args.max_examples)
     print(f"wrote {args.out_dir}/{{train,validation,test}}.npy and manifest.json")
     return 0
 
@@ -168,13 +198,19 @@ def _add_vocab(subparsers) -> None:
         help="train a SentencePiece BPE vocabulary on a train split",
         description=(
             "Train a SentencePiece BPE vocabulary (pad 0, eos 1, unk 2, no bos) on the "
-            "train portion of a corpus and write it atomically to --out (.model, with the "
+            "train split of a corpus and write it atomically to --out (.model, with the "
             ".vocab listing beside it)."
         ),
     )
     parser.add_argument(
-        "--source", nargs="+", required=True, type=Path,
-        help="local text files; the vocabulary sees only their first 90%% (the train split)",
+        "--dataset", choices=("text", "pg19"), default="text",
+        help="text: the first 90%% of --source files (their train split); pg19: the TFDS "
+        "pg19 train split (default: text)",
+    )
+    parser.add_argument("--source", nargs="+", type=Path, help="local text files (text)")
+    parser.add_argument("--tfds-data-dir", type=Path, help="TFDS data dir (pg19)")
+    parser.add_argument(
+        "--max-books", type=_positive_int, help="pg19: read at most this many train books"
     )
     parser.add_argument("--out", type=Path, required=True, help="path of the .model file")
     parser.add_argument(
@@ -193,15 +229,26 @@ def _add_vocab(subparsers) -> None:
 
 
 def _run_vocab(args: argparse.Namespace) -> int:
-    from tvq.data.enwik8 import split_bounds
-    from tvq.data.raw import read_maybe_compressed
     from tvq.data.sentencepiece_vocab import train_sentencepiece
 
-    content = b"".join(read_maybe_compressed(path) for path in args.source)
-    train_stop = split_bounds(len(content))[0][1]
-    text = content[:train_stop].decode("utf-8", errors="replace")
+    if args.dataset == "text":
+        from tvq.data.enwik8 import split_bounds
+        from tvq.data.raw import read_maybe_compressed
+
+        if not args.source:
+            raise UsageError("--dataset text needs one or more --source files")
+        content = b"".join(read_maybe_compressed(path) for path in args.source)
+        train_stop = split_bounds(len(content))[0][1]
+        texts = [content[:train_stop].decode("utf-8", errors="replace")]
+    else:
+        from tvq.data.tfds_sources import iter_pg19_texts
+
+        if args.source:
+            raise UsageError("pg19 is read from --tfds-data-dir, not --source")
+        texts = iter_pg19_texts("train", data_dir=args.tfds_data_dir, max_books=args.max_books)
+
     train_sentencepiece(
-        [text], args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
+        texts, args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
         seed=args.seed,
     )
     print(f"wrote {args.out}")
