@@ -15,6 +15,9 @@ class ServedFiles:
     files: dict[str, bytes] = field(default_factory=dict)
     # Path -> number of bytes after which the next response is cut (used once).
     cut_after: dict[str, int] = field(default_factory=dict)
+    # Paths whose next ranged response (used once) restarts the body at byte 0 while
+    # still answering 206, as a misbehaving server or proxy might.
+    wrong_range: set[str] = field(default_factory=set)
     # (path, Range header or None) of every GET, in order.
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
@@ -32,6 +35,14 @@ def _handler(served: ServedFiles):
                 return
             body = served.files[self.path]
             start = 0
+            if range_header and self.path in served.wrong_range:
+                served.wrong_range.discard(self.path)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if range_header:
                 start = int(range_header.removeprefix("bytes=").split("-")[0])
                 if start >= len(body):

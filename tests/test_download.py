@@ -135,3 +135,38 @@ def test_prepare_other_url_is_non_canonical(tmp_path):
                                   tmp_path / "downloads", progress=False)
     assert manifest["canonical"] is False
     assert manifest["content_bytes"] == 40_000
+
+
+def test_download_restarts_when_server_resumes_elsewhere(tmp_path):
+    body = generated_text(300_000)
+    dest = tmp_path / "data.bin"
+    partial_path(dest).write_bytes(body[:50_000])
+    served = ServedFiles(files={"/data.bin": body}, wrong_range={"/data.bin"})
+    with serve(served) as base:
+        download(f"{base}/data.bin", dest, backoff_s=0, progress=False)
+    assert dest.read_bytes() == body
+    assert [r[1] for r in served.requests] == ["bytes=50000-", None]
+
+
+def test_download_from_other_url_not_reused(tmp_path):
+    first, second = b"first " * 1000, b"second " * 1000
+    served = ServedFiles(files={"/a/data.bin": first, "/b/data.bin": second})
+    dest = tmp_path / "data.bin"
+    with serve(served) as base:
+        assert download(f"{base}/a/data.bin", dest, progress=False).read_bytes() == first
+        assert download(f"{base}/a/data.bin", dest, progress=False).read_bytes() == first
+        assert download(f"{base}/b/data.bin", dest, progress=False).read_bytes() == second
+    assert [path for path, _ in served.requests] == ["/a/data.bin", "/b/data.bin"]
+
+
+def test_unsupported_url_scheme(tmp_path):
+    with pytest.raises(DataError, match="unsupported URL scheme ftp://"):
+        prepare_enwik8("ftp://127.0.0.1/enwik8.zip", tmp_path / "out", tmp_path / "dl",
+                       progress=False)
+
+
+def test_too_small_download_deleted(tmp_path):
+    served = ServedFiles(files={"/tiny.txt": b"ab"})
+    with serve(served) as base, pytest.raises(DataError, match="split 'validation' is empty"):
+        prepare_enwik8(f"{base}/tiny.txt", tmp_path / "out", tmp_path / "dl", progress=False)
+    assert not (tmp_path / "dl" / "tiny.txt").exists()

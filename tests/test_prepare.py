@@ -75,6 +75,8 @@ def test_compressed_inputs_give_same_tokens(tmp_path):
         ("empty.xml", b"", "is empty"),
         ("bad.bz2", b"BZh9garbage", "corrupt"),
         ("truncated.gz", gzip.compress(b"text " * 1000)[:40], "corrupt or truncated"),
+        ("empty.zip", b"PK\x05\x06" + b"\x00" * 18, "contains no files"),
+        ("data.xz", b"\xfd7zXZ\x00" + b"\x00" * 30, "xz or zstd compressed"),
         (".", None, "not a regular file"),
     ],
 )
@@ -148,4 +150,35 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"tvq prepare: error: input file {tmp_path / 'absent.zip'} not found; check the path"
     ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_with_other_files_is_not_replaced(tmp_path):
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(b"words and more words " * 100)
+    notes = tmp_path / "notes.md"
+    notes.write_text("keep me")
+    with pytest.raises(DataError, match="contains files tvq did not write .*corpus.txt"):
+        prepare_text([str(source)], tmp_path)
+    assert notes.read_text() == "keep me"
+    assert source.exists()
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(b"words " * 100)
+    target = tmp_path / "afile"
+    target.write_text("not a folder")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        prepare_text([str(source)], target)
+    assert target.read_text() == "not a folder"
+
+
+def test_vocab_that_is_not_a_model(tmp_path):
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(b"words\n" * 100)
+    fake = tmp_path / "fake.model"
+    fake.write_text("not a model")
+    with pytest.raises(DataError, match="is not a SentencePiece model"):
+        prepare_text([str(source)], tmp_path / "out", vocab_model=fake)
     assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -11,10 +12,28 @@ from tvq.model.config import ATTN_TYPES, DTYPES, HEAD_TYPES
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _bounded_int(low: int, high: int):
+    """Return an argparse type that accepts integers in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
 
 
 def _add_bench_attention(subparsers) -> None:
@@ -214,17 +233,23 @@ def _add_vocab(subparsers) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="path of the .model file")
     parser.add_argument(
-        "--vocab-size", type=_positive_int, default=32_000,
+        "--vocab-size", type=_bounded_int(4, 2**31 - 1), default=32_000,
         help=(
             "number of pieces, including 3 special ids and 256 byte-fallback pieces "
             "(default: 32000, as for PG-19)"
         ),
     )
     parser.add_argument(
-        "--max-sentences", type=_positive_int, default=10_000_000,
-        help="lines sampled for training, which bounds memory (default: 10000000)",
+        "--max-sentences", type=_bounded_int(101, 2**31 - 1), default=10_000_000,
+        help=(
+            "lines sampled for training, which bounds memory; SentencePiece needs more "
+            "than 100 (default: 10000000)"
+        ),
     )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=_bounded_int(0, 2**32 - 1), default=0,
+        help="sampling seed, 0 to 2^32 - 1 (default: 0)",
+    )
     parser.set_defaults(handler=_run_vocab)
 
 
@@ -305,8 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds like an exception, so staging folders and partial files are
+    # cleaned up by the same code that handles errors.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; a known user error prints one line and returns exit status 1."""
+    """Run one subcommand.
+
+    Exit status: 0 on success, 1 for bad input data or config, 2 for bad options, 130 on
+    Ctrl-C and 143 on SIGTERM. Known errors print one line, without a traceback.
+    """
     from tvq.data.errors import DataError
     from tvq.model.config import ConfigError
 
@@ -314,11 +349,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # JAX logs at INFO which backends it could not find (TPU, GPU) on every start.
     logging.getLogger("jax").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+    prefix = f"tvq {args.command}: error:"
     try:
         return args.handler(args)
-    except (DataError, ConfigError, UsageError) as error:
-        print(f"tvq {args.command}: error: {error}", file=sys.stderr)
+    except UsageError as error:
+        print(f"{prefix} {error}", file=sys.stderr)
+        return 2
+    except (DataError, ConfigError) as error:
+        print(f"{prefix} {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        target = f" {error.filename}" if error.filename else ""
+        print(f"{prefix} {error.strerror or error}{target}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tvq {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,7 +20,24 @@ CHUNK_BYTES = 1 << 20
 
 
 def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
+    """Return whether source is an http(s) URL; raise DataError for other URL schemes."""
+    scheme, separator, _ = source.partition("://")
+    if not separator or "/" in scheme:
+        return False
+    if scheme.lower() not in ("http", "https"):
+        raise DataError(
+            f"unsupported URL scheme {scheme}:// in {source}; use an http(s) URL or a local path"
+        )
+    return True
+
+
+def source_url_path(dest: Path) -> Path:
+    """Return the file beside a download that records the URL it came from."""
+    return dest.with_name(dest.name + ".url")
+
+
+class _RestartDownload(Exception):
+    """The server resumed at another offset than requested; the partial file is void."""
 
 
 def partial_path(dest: Path) -> Path:
@@ -39,8 +56,18 @@ def _fetch_once(url: str, part: Path, timeout_s: float, progress: bool) -> None:
         if offset and response.status != 206:
             log.info("%s does not support resuming; downloading from the start", url)
             offset = 0
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
+        if offset:
+            content_range = response.headers.get("Content-Range", "")
+            start = content_range.removeprefix("bytes ").split("-")[0]
+            if start != str(offset):
+                part.unlink()
+                raise _RestartDownload(
+                    f"asked to resume at byte {offset}, got Content-Range {content_range!r}"
+                )
+        length = response.headers.get("Content-Length", "")
+        total = offset + int(length) if length.isdigit() else None
+        if total is None:
+            log.warning("%s sends no valid Content-Length; the size cannot be verified", url)
         mode = "ab" if offset else "wb"
         with (
             part.open(mode) as handle,
@@ -70,20 +97,40 @@ def download(
     """Download url to dest, resuming a partial file left by an earlier attempt.
 
     Bytes arrive in `dest.part`, which is renamed to dest only once the server's
-    Content-Length has been received in full, so dest is never a truncated file.
+    Content-Length has been received in full. A server that sends no Content-Length
+    gets a warning, because a cut connection then looks like the end of the file.
     Connection errors and short reads are retried `retries` times with exponential
-    backoff; HTTP errors such as 404 are not.
+    backoff; HTTP errors such as 404 are not. `dest.url` records the URL, so an existing
+    dest that came from another URL is downloaded again instead of reused.
     """
     dest = Path(dest)
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    recorded = source_url_path(dest)
+    if dest.is_file():
+        if not recorded.exists() or recorded.read_text().strip() == url:
+            return dest
+        log.info("%s came from %s, not %s; downloading again", dest, recorded.read_text(), url)
+        dest.unlink()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"download folder {dest.parent} cannot be created ({error.strerror}); pass a "
+            "writable --download-dir"
+        ) from None
     part = partial_path(dest)
+    if recorded.exists() and recorded.read_text().strip() != url:
+        part.unlink(missing_ok=True)
 
     for attempt in range(retries + 1):
         try:
+            recorded.write_text(url + "\n")
             _fetch_once(url, part, timeout_s, progress)
             break
+        except _RestartDownload as error:
+            log.warning("%s: %s; downloading from the start", url, error)
+            continue
+        except ValueError as error:
+            raise DataError(f"invalid URL {url} ({error}); check the URL") from None
         except urllib.error.HTTPError as error:
             if error.code == 416 and part.exists():
                 # The partial file is at least as long as the resource: start again.
@@ -95,15 +142,25 @@ def download(
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             if attempt == retries:
+                kept = part.stat().st_size if part.is_file() else 0
+                fix = (
+                    f"rerun to resume from the {kept:,} bytes kept in {part}"
+                    if kept
+                    else "check the URL and the network connection"
+                )
                 raise DataError(
                     f"download of {url} failed after {retries + 1} attempts ({error}); "
-                    f"rerun to resume from the {part.stat().st_size if part.exists() else 0} "
-                    f"bytes kept in {part}, or pass a local file as the source"
+                    f"{fix}, or pass a local file as the source"
                 ) from None
             wait = backoff_s * 2**attempt
             log.warning("download of %s interrupted (%s); retry %d/%d in %.0f s",
                         url, error, attempt + 1, retries, wait)
             time.sleep(wait)
+    else:
+        raise DataError(
+            f"download of {url} did not complete in {retries + 1} attempts because the "
+            "server did not resume where asked; rerun, or pass a local file as the source"
+        )
 
     os.replace(part, dest)
     return dest

@@ -16,7 +16,7 @@ from tvq.data import vocab
 from tvq.data.download import download, is_url
 from tvq.data.errors import DataError
 from tvq.data.raw import file_digest, read_maybe_compressed
-from tvq.data.splits import SPLITS, write_splits
+from tvq.data.splits import SPLITS, check_output_dir, write_splits
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def prepare_enwik8(
     A download from `canonical_url` that does not match `reference` is an error, and the
     bad file is deleted so that a rerun downloads it again.
     """
+    check_output_dir(out_dir)
     raw_path, downloaded = _fetch(source, download_dir, progress)
     try:
         content = read_maybe_compressed(raw_path)
@@ -120,31 +121,33 @@ def prepare_enwik8(
                 f"not enwik8's {reference.size:,} bytes with sha1 {reference.sha1}; "
                 "the download was deleted, rerun to fetch it again"
             )
-    except DataError:
-        if downloaded:
-            raw_path.unlink(missing_ok=True)
-        raise
-    if not content:
-        raise DataError(f"input file {raw_path} is empty; pass a non-empty text file")
+        if not content:
+            raise DataError(f"input file {raw_path} is empty; pass a non-empty text file")
 
-    if not canonical:
-        log.warning(
-            "%s is not the canonical enwik8 (%s bytes); splitting it 90%%/5%%/5%% by bytes. "
-            "Results on it are not enwik8 results.", raw_path, f"{len(content):,}",
-        )
-    tokens, manifest = byte_splits_manifest(content)
-    manifest = {
-        "dataset": "enwik8",
-        "source": source,
-        "source_file": str(raw_path),
-        "source_sha256": file_digest(raw_path),
-        "content_bytes": len(content),
-        "content_sha256": hashlib.sha256(content).hexdigest(),
-        "canonical": canonical,
-        "tvq_version": tvq.__version__,
-        **manifest,
-    }
-    manifest = write_splits(out_dir, tokens, manifest)
+        if not canonical:
+            log.warning(
+                "%s is not the canonical enwik8 (%s bytes); splitting it 90%%/5%%/5%% by "
+                "bytes. Results on it are not enwik8 results.", raw_path, f"{len(content):,}",
+            )
+        tokens, manifest = byte_splits_manifest(content)
+        manifest = {
+            "dataset": "enwik8",
+            "source": source,
+            "source_file": str(raw_path),
+            "source_sha256": file_digest(raw_path),
+            "content_bytes": len(content),
+            "content_sha256": hashlib.sha256(content).hexdigest(),
+            "canonical": canonical,
+            "tvq_version": tvq.__version__,
+            **manifest,
+        }
+        manifest = write_splits(out_dir, tokens, manifest)
+    except DataError:
+        # A download that cannot be prepared would be reused by every rerun.
+        if downloaded and raw_path.is_file():
+            raw_path.unlink()
+            log.info("deleted %s so that a rerun downloads it again", raw_path)
+        raise
     for split in SPLITS:
         log.info("%s: %s tokens", split, f"{manifest['splits'][split]['tokens']:,}")
     return manifest
@@ -193,6 +196,7 @@ def prepare_text(
     """
     if not sources:
         raise DataError("no input files given; pass one or more --source files")
+    check_output_dir(out_dir)
     parts = []
     for source in sources:
         if is_url(source):

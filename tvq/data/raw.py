@@ -12,6 +12,9 @@ from pathlib import Path
 from tvq.data.errors import DataError
 
 ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+XZ_MAGIC = b"\xfd7zXZ"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BZ2_MAGIC = b"BZh"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -31,12 +34,21 @@ def read_maybe_compressed(path: Path) -> bytes:
     if not path.exists():
         raise DataError(f"input file {path} not found; check the path")
     if not path.is_file():
-        raise DataError(f"input {path} is not a regular file")
+        raise DataError(f"input {path} is not a regular file; pass the path of a file")
     try:
         with path.open("rb") as handle:
-            magic = handle.read(4)
+            magic = handle.read(6)
     except OSError as error:
-        raise DataError(f"input file {path} cannot be read ({error.strerror})") from None
+        raise DataError(
+            f"input file {path} cannot be read ({error.strerror}); check its permissions"
+        ) from None
+    if magic.startswith(EMPTY_ZIP_MAGIC):
+        raise DataError(f"zip archive {path} contains no files; pass an archive with one file")
+    if magic.startswith((XZ_MAGIC, ZSTD_MAGIC)):
+        raise DataError(
+            f"{path} is xz or zstd compressed, which tvq does not read; decompress it first "
+            "or recompress it as zip, bz2 or gz"
+        )
 
     try:
         if magic.startswith(ZIP_MAGIC):
@@ -52,9 +64,15 @@ def read_maybe_compressed(path: Path) -> bytes:
             return bz2.decompress(path.read_bytes())
         if magic.startswith(GZIP_MAGIC):
             return gzip.decompress(path.read_bytes())
+    except (RuntimeError, NotImplementedError) as error:
+        # zipfile raises these for encrypted members and unsupported compression methods.
+        raise DataError(
+            f"zip archive {path} cannot be extracted ({error}); recompress it without a "
+            "password using deflate, or pass the plain file"
+        ) from None
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as error:
         raise DataError(
-            f"archive {path} is corrupt or truncated ({error}); delete it and download "
-            "it again, or pass an intact file"
+            f"archive {path} is corrupt or truncated ({error}); download or copy it again, "
+            "or pass an intact file"
         ) from None
     return path.read_bytes()

@@ -79,7 +79,7 @@ def train_sentencepiece(
                 num_threads=os.cpu_count() or 1,
                 minloglevel=2,
             )
-        except RuntimeError as error:
+        except (RuntimeError, ValueError, TypeError) as error:
             raise DataError(f"SentencePiece training for {model_path} failed: {error}") from None
         os.replace(prefix.with_suffix(".vocab"), model_path.with_suffix(".vocab"))
         os.replace(prefix.with_suffix(".model"), model_path)
@@ -98,7 +98,15 @@ class SentencePieceVocab:
             raise DataError(
                 f"vocabulary {self.path} not found; train one with `tvq vocab` first"
             )
-        self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        if not self.path.is_file():
+            raise DataError(f"vocabulary {self.path} is not a file; pass a .model file")
+        try:
+            self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as error:
+            raise DataError(
+                f"vocabulary {self.path} is not a SentencePiece model ({error}); pass the "
+                ".model file written by `tvq vocab`"
+            ) from None
         processor = self.processor
         ids = (processor.pad_id(), processor.eos_id(), processor.unk_id(), processor.bos_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID, -1):

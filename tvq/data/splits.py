@@ -24,6 +24,26 @@ def token_path(data_dir: Path, split: str) -> Path:
     return Path(data_dir) / f"{split}.npy"
 
 
+def check_replaceable(out_dir: Path, expected: set[str]) -> None:
+    """Raise DataError unless out_dir is absent, empty, or holds only files named in expected.
+
+    Replacing a folder deletes it, so a folder with any other file in it (a user's data,
+    a parent folder given by mistake) is never replaced.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"output path {out_dir} is a file, not a folder; pass a folder path")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in expected)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise DataError(
+            f"output folder {out_dir} contains files tvq did not write ({shown}), and "
+            "preparing would delete them; pass a new or empty folder"
+        )
+
+
 @contextlib.contextmanager
 def staged_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield an empty staging folder that replaces out_dir only if the block succeeds.
@@ -31,7 +51,9 @@ def staged_output_dir(out_dir: Path) -> Iterator[Path]:
     On an exception the staging folder is deleted and out_dir keeps whatever it held
     before, so a later stage never mistakes half-written files for finished output.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
+    if out_dir == Path(out_dir.anchor):
+        raise DataError("the output folder cannot be the file system root")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     # mkdtemp creates the folder private to its owner; give it the usual permissions.
@@ -54,6 +76,12 @@ def staged_output_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """Raise DataError early if write_splits would have to delete files tvq did not write."""
+    expected = {MANIFEST} | {token_path(Path(out_dir), split).name for split in SPLITS}
+    check_replaceable(out_dir, expected)
+
+
 def write_splits(
     out_dir: Path, tokens: dict[str, np.ndarray], manifest: dict[str, Any]
 ) -> dict[str, Any]:
@@ -64,6 +92,7 @@ def write_splits(
         if len(tokens[split]) == 0:
             raise DataError(f"split {split!r} is empty; the input is too small to split")
 
+    check_output_dir(out_dir)
     manifest = {
         **manifest,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

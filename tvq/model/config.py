@@ -14,7 +14,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import yaml
 
 ATTN_TYPES = ("vq", "full", "vq_quadratic")
@@ -115,11 +114,15 @@ class TransformerConfig:
         return {"shga": 0, "mqa": 5 * self.d_model, "mha": 4 * self.d_model}[self.head_type]
 
     @property
-    def activation_dtype(self) -> jnp.dtype:
+    def activation_dtype(self):
+        import jax.numpy as jnp
+
         return jnp.dtype(self.dtype)
 
     @property
-    def parameter_dtype(self) -> jnp.dtype:
+    def parameter_dtype(self):
+        import jax.numpy as jnp
+
         return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes: Any) -> TransformerConfig:
