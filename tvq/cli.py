@@ -136,7 +136,8 @@ def _add_prepare(subparsers) -> None:
         "--dataset", required=True, choices=DATASETS,
         help=(
             "enwik8: the canonical enwik8 (split 90M/5M/5M bytes) or any file of the same "
-            "kind (split 90%%/5%%/5%%, marked non-canonical); text: local text or XML files, "
+            "kind (split 90%%/5%%/5%%, marked non-canonical); text: local text or XML files "
+            "(plain, zip, bz2 or gz), "
             "split 90%%/5%%/5%%; pg19: TFDS pg19, books joined with eos; imagenet64: TFDS "
             "imagenet_resized/64x64, 12,288 byte tokens per image. pg19 and imagenet64 need "
             "the data extra and a TFDS data dir where the dataset is already built"
@@ -149,11 +150,20 @@ def _add_prepare(subparsers) -> None:
             "the canonical http://mattmahoney.net/dc/enwik8.zip); text: one or more local files"
         ),
     )
-    parser.add_argument("--out-dir", type=Path, required=True, help="folder for the splits")
+    parser.add_argument(
+        "--out-dir", type=Path, required=True,
+        help=(
+            "folder for the splits; an existing folder is replaced, but only if it contains "
+            "nothing except tvq's split files and manifest.json"
+        ),
+    )
 
     parser.add_argument(
         "--download-dir", type=Path, default=Path("resources/downloads"),
-        help="where downloads and their resumable .part files go (default: resources/downloads)",
+        help=(
+            "where downloads and their resumable .part files go (default: "
+            "resources/downloads in the current folder)"
+        ),
     )
     parser.add_argument(
         "--vocab", type=Path,

@@ -83,9 +83,29 @@ def load_builder(name: str, data_dir: Path | str | None) -> Any:
     A dataset missing from data_dir raises DataError and is never downloaded.
     """
     tfds = _import_tfds()
-    builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
-    if builder.is_prepared():
-        return builder
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"TFDS data dir {data_dir} is a file; pass the folder that holds {name}")
+    try:
+        builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+        if builder.is_prepared():
+            # Reading the split sizes parses dataset_info.json, which may be damaged.
+            _ = {split: info.num_examples for split, info in builder.info.splits.items()}
+            required = ("train", "validation", "test") if name == PG19 else ("train", "validation")
+            missing = [split for split in required if split not in builder.info.splits]
+            if missing:
+                raise DataError(
+                    f"TFDS dataset {name} in {data_dir} lacks split(s) {', '.join(missing)}; "
+                    "rebuild it with download_and_prepare()"
+                )
+            return builder
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - TFDS raises many types for damaged metadata
+        raise DataError(
+            f"TFDS dataset {name} in data dir {data_dir} cannot be loaded "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "rebuild it with download_and_prepare() or pass another --tfds-data-dir"
+        ) from None
 
     root = Path(builder.data_dir_root)
     version = str(builder.info.version)
