@@ -70,14 +70,7 @@ def byte_splits_manifest(content: bytes) -> tuple[dict, dict[str, Any]]:
             "byte_range": [start, stop],
         }
     manifest = {
-        "vocab": {
-            "type": "bytes",
-            "size": vocab.BYTE_VOCAB_SIZE,
-            "pad_id": vocab.PAD_ID,
-            "eos_id": vocab.EOS_ID,
-            "unk_id": vocab.UNK_ID,
-            "byte_offset": vocab.BYTE_OFFSET,
-        },
+        "vocab": vocab.byte_vocab_manifest(),
         "dtype": str(tokens["train"].dtype),
         "splits": described,
     }

@@ -39,14 +39,6 @@ PG19 = "pg19"
 VERSION_DIR = re.compile(r"\d+\.\d+\.\d+")
 INSTALL_HINT = "install the data extra: pip install -e '.[data]'"
 
-BYTE_VOCAB = {
-    "type": "bytes",
-    "size": vocab.BYTE_VOCAB_SIZE,
-    "pad_id": vocab.PAD_ID,
-    "eos_id": vocab.EOS_ID,
-    "unk_id": vocab.UNK_ID,
-    "byte_offset": vocab.BYTE_OFFSET,
-}
 
 
 def _import_tfds() -> Any:
@@ -253,7 +245,7 @@ def prepare_imagenet64(
             "tvq_version": tvq.__version__,
             "image_shape": list(IMAGE_SHAPE),
             "tokens_per_image": TOKENS_PER_IMAGE,
-            "vocab": dict(BYTE_VOCAB),
+            "vocab": vocab.byte_vocab_manifest(),
             "dtype": str(dtype),
             "splits": described,
         }
@@ -326,7 +318,7 @@ def prepare_pg19(
     out_dir = Path(out_dir)
     if vocab_model is None:
         encoder = None
-        vocab_manifest = dict(BYTE_VOCAB)
+        vocab_manifest = vocab.byte_vocab_manifest()
         dtype = vocab.smallest_uint_dtype(vocab.BYTE_VOCAB_SIZE)
     else:
         from tvq.data.sentencepiece_vocab import SentencePieceVocab

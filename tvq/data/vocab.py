@@ -16,6 +16,18 @@ BYTE_OFFSET = 3
 BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
 
 
+def byte_vocab_manifest() -> dict:
+    """Describe the byte vocabulary for a dataset's manifest.json."""
+    return {
+        "type": "bytes",
+        "size": BYTE_VOCAB_SIZE,
+        "pad_id": PAD_ID,
+        "eos_id": EOS_ID,
+        "unk_id": UNK_ID,
+        "byte_offset": BYTE_OFFSET,
+    }
+
+
 def smallest_uint_dtype(vocab_size: int) -> np.dtype:
     """Return the smallest unsigned integer dtype for ids 0 .. vocab_size - 1."""
     for dtype in (np.uint8, np.uint16, np.uint32):
