@@ -16,7 +16,7 @@ class ServedFiles:
     # Path -> number of bytes after which the next response is cut (used once).
     cut_after: dict[str, int] = field(default_factory=dict)
     # Paths whose next ranged response (used once) restarts the body at byte 0 while
-    # still answering 206, as a misbehaving server or proxy might.
+    # still returning 206, as a misbehaving server or proxy might.
     wrong_range: set[str] = field(default_factory=set)
     # (path, Range header or None) of every GET, in order.
     requests: list[tuple[str, str | None]] = field(default_factory=list)

@@ -63,8 +63,8 @@ def test_compressed_inputs_give_same_tokens(tmp_path):
         manifest = prepare_enwik8(str(path), out, tmp_path / "dl", progress=False)
         tokens = [np.asarray(load_split(out, s)) for s in SPLITS]
         expected = expected or tokens
-        for actual, wanted in zip(tokens, expected, strict=True):
-            np.testing.assert_array_equal(actual, wanted)
+        for actual, reference in zip(tokens, expected, strict=True):
+            np.testing.assert_array_equal(actual, reference)
         assert manifest["content_bytes"] == len(content)
 
 

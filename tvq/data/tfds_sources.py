@@ -76,7 +76,7 @@ def load_builder(name: str, data_dir: Path | str | None) -> Any:
     """
     tfds = _import_tfds()
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise DataError(f"TFDS data dir {data_dir} is a file; pass the folder that holds {name}")
+        raise DataError(f"TFDS data dir {data_dir} is a file; pass the folder that contains {name}")
     try:
         builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
         if builder.is_prepared():

@@ -39,7 +39,7 @@ class TransformerConfig:
     d_k: int = 128
     # Codebook size S per key/value head.
     n_code: int = 512
-    # Number of layers; an shga layer holds two attention sublayers and no MLP.
+    # Number of layers; an shga layer has two attention sublayers and no MLP.
     n_layer: int = 24
     # Block length L: keys older than one block are read through the compressed cache.
     block_len: int = 512

@@ -37,10 +37,10 @@ def relative_window_bias(qw: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
         "...hgik,ehk->...hgie", qw, r[::-1].astype(qw.dtype), preferred_element_type=jnp.float32
     )
 
-    # Transformer-XL's relative shift: with L - 1 zero columns in front (distances
-    # above L), one spare column behind, and each row flattened, reading L rows of 2L
-    # from offset L - 1 moves row i left by L - 1 - i, which puts distance i + L - j'
-    # at column j'.
+    # Transformer-XL's relative shift. Pad L - 1 zero columns in front (distances above
+    # L) and one spare column behind, then flatten the rows. Reading L rows of 2L from
+    # offset L - 1 moves row i left by L - 1 - i, which puts distance i + L - j' at
+    # column j'.
     padded = jnp.pad(by_offset, [(0, 0)] * (by_offset.ndim - 1) + [(L - 1, 1)])
     flat = padded.reshape(*lead, h, G, L * (2 * L + 1))
     shifted = flat[..., L - 1 : L - 1 + L * 2 * L]
