@@ -1,0 +1,1 @@
+"""Training: optimiser, learning-rate schedules and the training loop."""
