@@ -1,0 +1,1 @@
+"""Evaluation: metrics from summed losses, and scoring whole splits."""
