@@ -1,4 +1,4 @@
-"""Metric arithmetic on losses and counts with known answers."""
+"""Metric arithmetic on losses and counts whose results are known."""
 
 import math
 

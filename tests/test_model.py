@@ -149,7 +149,7 @@ def test_training_mode_options():
     counts = updated["codebook"]["layers"]["attn_0"]["quantizer"]["code_counts"]
     previous = variables["codebook"]["layers"]["attn_0"]["quantizer"]["code_counts"]
     assert np.abs(np.asarray(counts - previous)).max() > 0
-    # Codebook statistics are not parameters, so an optimiser never sees them.
+    # Codebook statistics are not parameters, so an optimiser never receives them.
     assert not any("code_" in jax.tree_util.keystr(p)
                    for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"]))
 

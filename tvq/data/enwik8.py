@@ -159,9 +159,13 @@ def sentencepiece_splits_manifest(
     from tvq.data.sentencepiece_vocab import SentencePieceVocab
 
     spm_vocab = SentencePieceVocab(vocab_model)
-    bounds = [(start, stop) for start, stop in split_bounds(len(content))]
-    cuts = [0, _cut_at_newline(content, bounds[0][1]), _cut_at_newline(content, bounds[1][1])]
-    cuts.append(len(content))
+    (_, train_stop), (_, validation_stop), _ = split_bounds(len(content))
+    cuts = [
+        0,
+        _cut_at_newline(content, train_stop),
+        _cut_at_newline(content, validation_stop),
+        len(content),
+    ]
 
     tokens, described = {}, {}
     for index, split in enumerate(SPLITS):

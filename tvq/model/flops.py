@@ -3,9 +3,9 @@
 Counts multiply-adds of matrix products as 2 FLOPs and ignores elementwise work
 (norms, softmax, masking), the usual convention for model-FLOPs utilisation. Dense
 attention is counted over all T keys of a query, masked ones included, because that is
-what `full_attention` computes (the PaLM convention); likewise VQ attention counts both
-window blocks in full. A training step is counted as 3x the forward pass (backward
-costs twice the forward), without the recomputation that rematerialisation adds.
+what `full_attention` computes. VQ attention likewise counts both window blocks in
+full. A training step is counted as 3x the forward pass (backward costs twice the
+forward), without the recomputation that rematerialisation adds.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The codebook is not a parameter. It lives in the "codebook" variable collection as a
 running sum of assigned keys and a running count per code. Applying a training batch
-with that collection mutable updates both, and the optimiser never sees them.
+with that collection mutable updates both, and the optimiser never receives them.
 """
 
 from __future__ import annotations
