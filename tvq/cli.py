@@ -323,6 +323,111 @@ def _run_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_options(parser, *, required: bool) -> None:
+    parser.add_argument(
+        "--config", type=Path, action="extend", nargs="+", required=required, metavar="FILE",
+        help=(
+            "YAML config files, merged in order so later ones win: a dataset file such as "
+            "config/enwik8.yaml, then a preset overlay such as config/presets/cpu.yaml"
+            + ("" if required else "; default: the run's WORKDIR/config.yaml")
+        ),
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help=(
+            "override one config key after the files, e.g. --set lr_max=1e-3; the value is "
+            "read as YAML; repeat for several keys"
+        ),
+    )
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model, resuming from the newest checkpoint in --workdir",
+        description=(
+            "Train to n_max_step steps. Writes WORKDIR/config.yaml (the resolved config), "
+            "WORKDIR/metrics.jsonl, orbax checkpoints in WORKDIR/checkpoints (every "
+            "n_save_step steps after a validation pass, keeping the newest n_save_keep and "
+            "the best by validation loss) and, when the run is complete, "
+            "WORKDIR/train_summary.json. A run found in WORKDIR is resumed from its newest "
+            "checkpoint; SIGTERM or Ctrl-C saves a checkpoint before exiting (status 143 or "
+            "130). A NaN or infinite loss stops the run with status 1 and saves nothing."
+        ),
+    )
+    _add_config_options(parser, required=True)
+    parser.add_argument(
+        "--data-dir", type=Path, required=True,
+        help="folder written by `tvq prepare` (train.npy, validation.npy, manifest.json)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, required=True,
+        help="folder for the run's checkpoints, metrics and resolved config",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tvq.train.config import load_run_config
+    from tvq.train.loop import train
+
+    config = load_run_config(args.config, args.overrides)
+    train(config, args.data_dir, args.workdir, progress=not args.no_progress)
+    return 0
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a split with the best checkpoint and write a result JSON",
+        description=(
+            "Score every token of a split once with the checkpoint of lowest validation "
+            "loss in WORKDIR/checkpoints. The metric follows the data: bits per byte "
+            "(enwik8, byte-level text), bits per dimension (imagenet64), or word- and "
+            "token-level perplexity (pg19, SentencePiece text). The JSON also records the "
+            "token, byte and word counts, checkpoint step, parameter count, sha256 of the "
+            "split's token file, whether the input is the canonical dataset, and whether "
+            "the evaluation was partial (--max-tokens)."
+        ),
+    )
+    _add_config_options(parser, required=False)
+    parser.add_argument("--data-dir", type=Path, required=True, help="folder from `tvq prepare`")
+    parser.add_argument(
+        "--workdir", type=Path, required=True, help="the run's folder, as given to `tvq train`"
+    )
+    parser.add_argument(
+        "--split", choices=("validation", "test"), default="test",
+        help="split to score (default: test)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="result JSON file to write")
+    parser.add_argument(
+        "--max-tokens", type=_positive_int,
+        help="score only the first N tokens; the JSON marks the result as partial",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from tvq.evaluation.evaluate import evaluate, load_workdir_config
+    from tvq.train.config import load_run_config
+
+    if args.config:
+        config = load_run_config(args.config, args.overrides)
+    elif args.overrides:
+        # Only keys that do not change the model can be overridden (eval_batch_size).
+        config = load_run_config([args.workdir / "config.yaml"], args.overrides)
+    else:
+        config = load_workdir_config(args.workdir)
+    result = evaluate(
+        args.workdir, args.data_dir, args.split, args.out, config=config,
+        max_tokens=args.max_tokens, progress=not args.no_progress,
+    )
+    print(f"{result['split']} {result['metric']}: {result['value']:.4f} (wrote {args.out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvq",
@@ -337,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_data(bench_subparsers)
     _add_prepare(subparsers)
     _add_vocab(subparsers)
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 
@@ -354,11 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     """
     from tvq.data.errors import DataError
     from tvq.model.config import ConfigError
+    from tvq.train.errors import CheckpointError, TrainingError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # JAX logs at INFO which backends it could not find (TPU, GPU) on every start.
     logging.getLogger("jax").setLevel(logging.WARNING)
+    # Orbax reports every save and restore step at INFO through absl.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     prefix = f"tvq {args.command}: error:"
@@ -367,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"{prefix} {error}", file=sys.stderr)
         return 2
-    except (DataError, ConfigError) as error:
+    except (DataError, ConfigError, CheckpointError, TrainingError) as error:
         print(f"{prefix} {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -88,9 +88,10 @@ def make_optimizer(
             f"weight_decay and grad_clip must be non-negative, got {weight_decay}, {grad_clip}"
         )
 
-    chain = []
-    if grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(grad_clip))
+    # Disabled steps are identities rather than absent, so the optimiser state has the
+    # same structure whatever grad_clip and weight_decay are, and a run can resume
+    # with either changed.
+    chain = [optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()]
     if name == "adamw":
         chain.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     elif name == "lion":
@@ -100,7 +101,10 @@ def make_optimizer(
     # optax 0.2.8's adafactor without a learning rate already returns the descent
     # direction (negated), unlike scale_by_adam and scale_by_lion.
     chain.append(optax.scale_by_learning_rate(schedule, flip_sign=name != "adafactor"))
-    if weight_decay > 0:
-        # Applied after the learning rate: updates -= weight_decay * params.
-        chain.append(optax.add_decayed_weights(-weight_decay, mask=decay_mask))
+    # Applied after the learning rate: updates -= weight_decay * params.
+    chain.append(
+        optax.add_decayed_weights(-weight_decay, mask=decay_mask)
+        if weight_decay > 0
+        else optax.identity()
+    )
     return optax.chain(*chain)

@@ -1,0 +1,183 @@
+"""Training runs through the real command line: resume, signals, NaN guard, checkpoints."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.runs import prepare_corpus, run_tvq, tvq_command, write_config
+from tvq.train.checkpoint import Checkpoints
+from tvq.train.config import load_run_config
+from tvq.train.step import Trainer, make_mesh
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train_args(config, data_dir, workdir, *overrides):
+    sets = [arg for key_value in overrides for arg in ("--set", key_value)]
+    return [
+        "train", "--config", config, "--data-dir", data_dir, "--workdir", workdir,
+        "--no-progress", *sets,
+    ]
+
+
+def restore_state(workdir, step=None):
+    config = load_run_config([workdir / "config.yaml"])
+    trainer = Trainer(config, make_mesh())
+    checkpoints = Checkpoints(workdir / "checkpoints", read_only=True)
+    step = checkpoints.latest_step() if step is None else step
+    state = checkpoints.restore(step, trainer.abstract_state())
+    checkpoints.close()
+    return state
+
+
+def train_lines(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+    # Long enough that the signal lands mid-run; printed every step so the test can
+    # watch progress.
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=300, n_save_step=100)
+
+    straight = tmp_path / "straight"
+    done = run_tvq(*train_args(config, data_dir, straight))
+    assert done.returncode == 0, done.stderr
+
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        tvq_command(*train_args(config, data_dir, interrupted)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM received: checkpoint of step" in stderr
+    stopped_at = Checkpoints(interrupted / "checkpoints", read_only=True).latest_step()
+    assert 10 <= stopped_at < 300
+    assert not (interrupted / "train_summary.json").exists()
+
+    resumed = run_tvq(*train_args(config, data_dir, interrupted))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {stopped_at} of 300" in resumed.stderr
+
+    assert_trees_equal(restore_state(straight), restore_state(interrupted))
+    straight_lines, resumed_lines = train_lines(straight), train_lines(interrupted)
+    assert [r["step"] for r in resumed_lines] == list(range(1, 301))
+    for a, b in zip(straight_lines, resumed_lines, strict=True):
+        assert a["loss"] == b["loss"], a["step"]
+    summary = json.loads((interrupted / "train_summary.json").read_text())
+    assert summary["step"] == 300 and summary["resumed_from"] == stopped_at
+
+
+def test_retention_keeps_newest_and_best(tmp_path):
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=2)
+    state = {"step": np.int32(0), "weights": np.arange(4, dtype=np.float32)}
+    # Step 2 has the best loss; step 6 is a signal checkpoint without a validation loss.
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.7, 6: None}
+    for step, loss in losses.items():
+        checkpoints.save(step, {**state, "step": np.int32(step)}, {"note": step}, loss)
+        checkpoints.wait()
+    assert checkpoints.steps() == [2, 5, 6]
+    assert checkpoints.best_step() == 2
+    assert checkpoints.val_loss(2) == 1.0 and checkpoints.val_loss(6) is None
+    assert checkpoints.read_meta(5)["note"] == 5
+    checkpoints.close()
+
+
+def test_resume_refuses_a_different_model_config(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=5)
+    assert run_tvq(*train_args(config, data_dir, tmp_path / "run")).returncode == 0
+
+    refused = run_tvq(
+        *train_args(config, data_dir, tmp_path / "run", "n_max_step=10", "d_model=48", "seed=3")
+    )
+    assert refused.returncode == 1
+    message = refused.stderr.strip().splitlines()[-1]
+    assert "written with a different config" in message
+    assert "d_model: 32 -> 48" in message and "seed: 0 -> 3" in message
+    assert "n_max_step" not in message
+    assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps() == [5]
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=10)
+    workdir = tmp_path / "run"
+    assert run_tvq(*train_args(config, data_dir, workdir)).returncode == 0
+    good = restore_state(workdir)
+
+    # Resuming with an absurd learning rate overflows the parameters within a step or two.
+    diverged = run_tvq(*train_args(config, data_dir, workdir, "n_max_step=30", "lr_max=1e30"))
+    assert diverged.returncode == 1
+    message = diverged.stderr.strip().splitlines()[-1]
+    assert re.search(r"loss became (nan|inf) at step 1[1-3];", message), message
+    assert "the newest checkpoint, step 10, is intact" in message
+    assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [5, 10]
+    assert_trees_equal(restore_state(workdir), good)
+    assert np.isfinite(np.asarray(good["params"]["embed"]["embedding"])).all()
+    assert not (workdir / "train_summary.json").exists()
+
+
+def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=10)
+    workdir = tmp_path / "run"
+    assert run_tvq(*train_args(config, data_dir, workdir)).returncode == 0
+    state_dir = workdir / "checkpoints" / "10" / "state"
+    for path in state_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "ocdbt" in str(path.parent):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    failed = run_tvq(*train_args(config, data_dir, workdir, "n_max_step=20"))
+    assert failed.returncode == 1
+    message = failed.stderr.strip().splitlines()[-1]
+    assert f"checkpoint {workdir / 'checkpoints' / '10'} cannot be read" in message
+    assert "left in place" in message
+    assert (workdir / "checkpoints" / "10" / "state").is_dir()
+    assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [5, 10]
+
+
+def test_batch_size_must_divide_over_devices_and_vocab_must_fit(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_vocab=100)
+    failed = run_tvq(*train_args(config, data_dir, tmp_path / "run"))
+    assert failed.returncode == 1
+    assert "n_vocab 100 is smaller than the 259 token ids" in failed.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_and_invalid_keys_are_reported_together(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml")
+    failed = run_tvq(*train_args(config, data_dir, tmp_path / "run", "lr_mx=1", "d_model=-4"))
+    assert failed.returncode == 1
+    assert "unknown config key(s) lr_mx" in failed.stderr
+    failed = run_tvq(
+        *train_args(config, data_dir, tmp_path / "run", "d_model=-4", "optimizer=sgd")
+    )
+    line = failed.stderr.strip().splitlines()[-1]
+    assert "d_model must be a positive integer, got -4" in line
+    assert "unknown optimizer 'sgd'" in line

@@ -1,0 +1,209 @@
+"""Score a split with a run's best checkpoint and write the result JSON.
+
+Every token of the split is a target exactly once: the split is cut into sequences of
+sequence_len tokens, each starting from the end-of-sequence id without the previous
+sequence as context, and the last batch is padded and masked. The metric depends on the
+data: bits per byte for byte-level text, bits per dimension for ImageNet64, and
+word-level perplexity (with token-level beside it) for PG-19 and SentencePiece text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import tvq
+from tvq.data.batches import eval_batch_count, eval_batches
+from tvq.data.splits import load_split, token_path
+from tvq.data.vocab import decode_bytes
+from tvq.evaluation.metrics import bits_per_unit, perplexity
+from tvq.files import write_json_atomic
+from tvq.model.config import ConfigError
+from tvq.train.checkpoint import Checkpoints
+from tvq.train.config import RunConfig, load_run_config
+from tvq.train.errors import CheckpointError
+from tvq.train.loop import CHECKPOINT_DIR, CONFIG_FILE, check_batch_sizes, check_data
+from tvq.train.step import Trainer, make_mesh, param_count
+
+log = logging.getLogger(__name__)
+
+# Words in PG-19's splits as published with the dataset; the prepared data is checked
+# against them when it is the canonical dataset.
+PG19_PUBLISHED_WORDS = {"test": 6_966_499, "validation": 3_007_061}
+# Test results of the Transformer-VQ paper, for comparison in the result JSON.
+PAPER_TEST_RESULTS = {"enwik8": 0.99, "pg19": 26.6, "imagenet64": 3.16}
+
+
+def metric_name(manifest: dict[str, Any]) -> str:
+    if manifest.get("dataset") == "imagenet64":
+        return "bits_per_dim"
+    if manifest.get("dataset") == "pg19" or manifest["vocab"]["type"] == "sentencepiece":
+        return "word_perplexity"
+    return "bits_per_byte"
+
+
+def decoded_text(tokens: np.ndarray, manifest: dict[str, Any]) -> bytes:
+    """The UTF-8 bytes that the tokens stand for (special ids dropped)."""
+    if manifest["vocab"]["type"] == "bytes":
+        return decode_bytes(tokens)
+    from tvq.data.sentencepiece_vocab import SentencePieceVocab
+
+    return SentencePieceVocab(Path(manifest["vocab"]["model"])).decode(tokens).encode()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_workdir_config(workdir: Path) -> RunConfig:
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(
+            f"{path} not found; run `tvq train` with --workdir {workdir} first, or pass --config"
+        )
+    return load_run_config([path])
+
+
+def evaluate(
+    workdir: Path,
+    data_dir: Path,
+    split: str,
+    out: Path,
+    *,
+    config: RunConfig | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score `split` with the best checkpoint in WORKDIR and write the result to `out`."""
+    started = time.perf_counter()
+    workdir, data_dir = Path(workdir), Path(data_dir)
+    config = config or load_workdir_config(workdir)
+    c, t = config.model, config.train
+    manifest = check_data(config, data_dir)
+    split_tokens = load_split(data_dir, split)
+    partial = max_tokens is not None and max_tokens < len(split_tokens)
+    tokens = split_tokens[:max_tokens] if partial else split_tokens
+
+    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, read_only=True)
+    try:
+        step = checkpoints.best_step()
+        if step is None:
+            raise CheckpointError(
+                f"no checkpoint in {checkpoints.directory}; run `tvq train` with --workdir "
+                f"{workdir} first"
+            )
+        saved = checkpoints.read_meta(step).get("config", {})
+        model_keys = config.model.to_dict()
+        differing = [k for k in model_keys if k in saved and saved[k] != model_keys[k]]
+        if differing:
+            changes = ", ".join(f"{k}: {saved[k]!r} -> {model_keys[k]!r}" for k in differing)
+            raise CheckpointError(
+                f"checkpoint {checkpoints.directory / str(step)} has a different model "
+                f"config ({changes}); evaluate with the run's own config"
+            )
+        checkpoint_val_loss = checkpoints.val_loss(step)
+
+        mesh = make_mesh(t.mesh_model)
+        check_batch_sizes(config, mesh.shape["data"])
+        trainer = Trainer(config, mesh)
+        state = checkpoints.restore(step, trainer.abstract_state())
+    finally:
+        checkpoints.close()
+    log.info(
+        "scoring %s %s tokens of %s with the checkpoint of step %d",
+        f"{len(tokens):,}", split, data_dir, step,
+    )
+
+    n_batches = eval_batch_count(
+        len(tokens), batch_size=t.eval_batch_size, sequence_len=c.sequence_len
+    )
+    nats, targets = 0.0, 0
+    batches = eval_batches(
+        tokens, batch_size=t.eval_batch_size, sequence_len=c.sequence_len,
+        name=f"the {split} split",
+    )
+    for batch in tqdm(batches, total=n_batches, unit="batch", disable=not progress, desc=split):
+        scored = trainer.score(state, batch)
+        nats += float(scored["nats"])
+        targets += int(scored["targets"])
+    if targets != len(tokens):
+        raise AssertionError(f"scored {targets} targets of a split of {len(tokens)} tokens")
+    if not math.isfinite(nats):
+        raise CheckpointError(
+            f"the loss on {split} is {nats}: the checkpoint of step {step} in "
+            f"{checkpoints.directory} holds non-finite parameters"
+        )
+
+    described = manifest["splits"][split]
+    if partial:
+        text = decoded_text(np.asarray(tokens), manifest)
+        scored_bytes, scored_words = len(text), len(text.split())
+    else:
+        scored_bytes, scored_words = described["bytes"], described["words"]
+
+    metric = metric_name(manifest)
+    result: dict[str, Any] = {
+        "dataset": manifest.get("dataset"),
+        "split": split,
+        "metric": metric,
+    }
+    if metric == "word_perplexity":
+        result["value"] = perplexity(nats, scored_words)
+        result["token_perplexity"] = perplexity(nats, targets)
+    else:
+        # Bytes and ImageNet64 subpixels are one token each.
+        result["value"] = bits_per_unit(nats, targets)
+    if manifest["vocab"]["type"] != "bytes" and metric != "bits_per_dim":
+        result["bits_per_byte"] = bits_per_unit(nats, scored_bytes)
+
+    canonical = bool(manifest.get("canonical", False))
+    result.update(
+        {
+            "loss_nats_per_token": nats / targets,
+            "scored_tokens": targets,
+            "scored_bytes": scored_bytes,
+            "scored_words": scored_words,
+            "split_tokens": len(split_tokens),
+            "partial": partial,
+            "max_tokens": max_tokens,
+            "preset": t.preset,
+            "param_count": param_count(state["params"]),
+            "checkpoint_step": step,
+            "checkpoint_val_loss": checkpoint_val_loss,
+            "input_sha256": file_sha256(token_path(data_dir, split)),
+            "source_sha256": manifest.get("source_sha256"),
+            "canonical": canonical,
+            "paper_value": PAPER_TEST_RESULTS.get(manifest.get("dataset"))
+            if split == "test" else None,
+            "sequence_len": c.sequence_len,
+            "eval_batch_size": t.eval_batch_size,
+            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "wall_time_s": time.perf_counter() - started,
+            "tvq_version": tvq.__version__,
+        }
+    )
+    if manifest.get("dataset") == "pg19" and split in PG19_PUBLISHED_WORDS:
+        published = PG19_PUBLISHED_WORDS[split]
+        result["published_words"] = published
+        if canonical and not partial and described["words"] != published:
+            log.warning(
+                "the prepared %s split has %s words, the published count is %s; the word-level "
+                "perplexity uses the prepared count", split, f"{described['words']:,}",
+                f"{published:,}",
+            )
+    write_json_atomic(out, result)
+    note = f" (partial: first {targets:,} tokens)" if partial else ""
+    log.info("%s %s = %.4f%s; wrote %s", split, metric, result["value"], note, out)
+    return result

@@ -1,0 +1,296 @@
+"""The training loop: resume, step, validate, checkpoint, stop cleanly on signals.
+
+WORKDIR layout:
+    config.yaml          the resolved config of the run
+    checkpoints/<step>/  orbax checkpoints (newest n_save_keep + best validation loss)
+    metrics.jsonl        one JSON record per logged step
+    train_summary.json   written last, once the run reaches n_max_step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+import tvq
+from tvq.data.batches import eval_batches, train_batches
+from tvq.data.splits import load_manifest, load_split
+from tvq.files import write_json_atomic, write_text_atomic
+from tvq.model.config import ConfigError
+from tvq.train.checkpoint import Checkpoints
+from tvq.train.config import RunConfig, config_differences
+from tvq.train.errors import CheckpointError, TrainingError
+from tvq.train.metrics_log import MetricsLog, truncate_after
+from tvq.train.step import Trainer, make_mesh, param_count
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+SUMMARY_FILE = "train_summary.json"
+
+
+def check_data(config: RunConfig, data_dir: Path) -> dict[str, Any]:
+    """Check that the prepared data fits the config; return its manifest."""
+    manifest = load_manifest(data_dir)
+    vocab_size = manifest["vocab"]["size"]
+    if config.model.n_vocab < vocab_size:
+        raise ConfigError(
+            f"n_vocab {config.model.n_vocab} is smaller than the {vocab_size} token ids of "
+            f"{Path(data_dir) / 'manifest.json'}; set n_vocab: {vocab_size}"
+        )
+    return manifest
+
+
+def check_batch_sizes(config: RunConfig, n_data: int) -> None:
+    for key in ("global_batch_size", "eval_batch_size"):
+        value = getattr(config.train, key)
+        if value % n_data:
+            raise ConfigError(
+                f"{key} {value} is not a multiple of the {n_data} devices on the data axis; "
+                f"set it to a multiple of {n_data}"
+            )
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Turn SIGTERM and the first SIGINT into a request the loop answers between steps.
+
+    Yields a list that receives the signal number. A second SIGINT interrupts at once.
+    """
+    received: list[int] = []
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT and received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def validate(trainer: Trainer, state, tokens: np.ndarray, n_batches: int | None) -> float:
+    """Mean cross-entropy in nats over the first n_batches validation batches (all if None)."""
+    c, t = trainer.config.model, trainer.config.train
+    nats, targets = 0.0, 0
+    batches = eval_batches(
+        tokens, batch_size=t.eval_batch_size, sequence_len=c.sequence_len,
+        name="the validation split",
+    )
+    for index, batch in enumerate(batches):
+        if n_batches is not None and index >= n_batches:
+            break
+        scored = trainer.score(state, batch)
+        nats += float(scored["nats"])
+        targets += int(scored["targets"])
+    return nats / targets
+
+
+def _resume(
+    checkpoints: Checkpoints, trainer: Trainer, config: RunConfig
+) -> tuple[Any, int | None]:
+    step = checkpoints.latest_step()
+    if step is None:
+        return trainer.init_state(), None
+    meta = checkpoints.read_meta(step)
+    differences = config_differences(meta.get("config", {}), config.to_dict())
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {checkpoints.directory / str(step)} was written with a different "
+            f"config ({'; '.join(differences)}); rerun with the checkpoint's settings, or "
+            "pass a new --workdir to start a new run"
+        )
+    state = checkpoints.restore(step, trainer.abstract_state())
+    return state, step
+
+
+def _round(values) -> list:
+    return np.round(np.asarray(values, np.float64), 4).tolist()
+
+
+def train(
+    config: RunConfig, data_dir: Path, workdir: Path, *, progress: bool = True
+) -> dict[str, Any]:
+    """Train to config.train.n_max_step, resuming from WORKDIR's newest checkpoint."""
+    started = time.perf_counter()
+    c, t = config.model, config.train
+    data_dir, workdir = Path(data_dir), Path(workdir)
+    manifest = check_data(config, data_dir)
+    train_tokens = load_split(data_dir, "train")
+    validation_tokens = load_split(data_dir, "validation")
+
+    mesh = make_mesh(t.mesh_model)
+    check_batch_sizes(config, mesh.shape["data"])
+    trainer = Trainer(config, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=t.n_save_keep)
+
+    try:
+        state, resumed = _resume(checkpoints, trainer, config)
+    except BaseException:
+        # Orbax's background threads must stop before the interpreter exits.
+        checkpoints.close()
+        raise
+    start_step = int(state["step"])
+    devices = jax.devices()
+    log.info(
+        "%s parameters; %d %s device(s), mesh data=%d model=%d; data %s (%s train tokens)",
+        f"{param_count(state['params']):,}", len(devices), devices[0].platform,
+        mesh.shape["data"], mesh.shape["model"], manifest.get("dataset", data_dir),
+        f"{len(train_tokens):,}",
+    )
+    if resumed is None:
+        log.info("starting a new run in %s", workdir)
+    else:
+        log.info("resumed from step %d of %d (%s)", resumed, t.n_max_step, checkpoints.directory)
+
+    write_text_atomic(workdir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if start_step < t.n_max_step:
+        # A summary from an earlier, shorter run no longer describes this one.
+        (workdir / SUMMARY_FILE).unlink(missing_ok=True)
+    dropped = truncate_after(workdir / "metrics.jsonl", start_step)
+    if dropped:
+        log.info("dropped %d metrics.jsonl line(s) past step %d", dropped, start_step)
+
+    meta = {"config": config.to_dict(), "tvq_version": tvq.__version__}
+    metrics_log = MetricsLog(
+        workdir, tensorboard=t.tensorboard, wandb=t.wandb, wandb_project=t.wandb_project,
+        run_config=config.to_dict(),
+    )
+    tokens_per_step = t.global_batch_size * c.sequence_len
+    saved_step = resumed
+    window_losses: list[float] = []
+    # Step times exclude the first step's compilation, validation and checkpointing.
+    window_seconds, window_steps = 0.0, 0
+    total_seconds, total_steps = 0.0, 0
+    bar = tqdm(
+        total=t.n_max_step, initial=start_step, unit="step", disable=not progress,
+        dynamic_ncols=True, desc="train",
+    )
+
+    def save(step: int, val_loss: float | None) -> None:
+        nonlocal saved_step
+        checkpoints.save(step, state, meta, val_loss)
+        saved_step = step
+
+    try:
+        with stop_requests() as stop:
+            batches = train_batches(
+                train_tokens, seed=t.seed, batch_size=t.global_batch_size,
+                sequence_len=c.sequence_len, start_step=start_step, num_steps=t.n_max_step,
+            )
+            for step in range(start_step + 1, t.n_max_step + 1):
+                tick = time.perf_counter()
+                state, metrics = trainer.train_step(state, next(batches))
+                loss = float(metrics["loss"])
+                elapsed = time.perf_counter() - tick
+                if step == start_step + 1:
+                    log.info("first step (with compilation) took %.1f s", elapsed)
+                else:
+                    window_seconds += elapsed
+                    window_steps += 1
+
+                if not math.isfinite(loss):
+                    last = (
+                        f"the newest checkpoint, step {saved_step}, is intact in "
+                        f"{checkpoints.directory}" if saved_step is not None
+                        else "no checkpoint was written before it"
+                    )
+                    raise TrainingError(
+                        f"loss became {loss} at step {step}; stopped without saving, and "
+                        f"{last}. Lower lr_max, lengthen n_warmup_step or set grad_clip, "
+                        "then rerun"
+                    )
+                window_losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+                if step % t.n_print_step == 0 or step == t.n_max_step:
+                    tokens_per_s = (
+                        window_steps * tokens_per_step / window_seconds if window_steps else None
+                    )
+                    record = {
+                        "step": step,
+                        "kind": "train",
+                        "loss": float(np.mean(window_losses)),
+                        "ce_loss": float(metrics["ce_loss"]),
+                        "commit_loss": float(metrics["commit_loss"]),
+                        "learning_rate": float(metrics["learning_rate"]),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "tokens_per_s": tokens_per_s,
+                        "codebook_usage": _round(metrics["codebook_usage"]),
+                        "codebook_perplexity": _round(metrics["codebook_perplexity"]),
+                    }
+                    metrics_log.write(record)
+                    speed = "n/a" if tokens_per_s is None else f"{tokens_per_s:,.0f}"
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=speed)
+                    if not progress:
+                        log.info(
+                            "step %d/%d: loss %.4f, lr %.3g, grad norm %.3g, %s tokens/s",
+                            step, t.n_max_step, record["loss"], record["learning_rate"],
+                            record["grad_norm"], speed,
+                        )
+                    total_seconds += window_seconds
+                    total_steps += window_steps
+                    window_losses, window_seconds, window_steps = [], 0.0, 0
+
+                if step % t.n_save_step == 0 or step == t.n_max_step:
+                    val_loss = validate(trainer, state, validation_tokens, t.n_eval_step)
+                    metrics_log.write({"step": step, "kind": "validation", "val_loss": val_loss})
+                    log.info("step %d: validation loss %.4f nats/token", step, val_loss)
+                    save(step, val_loss)
+
+                if stop:
+                    name = signal.Signals(stop[0]).name
+                    if saved_step != step:
+                        save(step, None)
+                    checkpoints.wait()
+                    log.info(
+                        "%s received: checkpoint of step %d saved in %s; rerun the same "
+                        "command to resume", name, step, checkpoints.directory,
+                    )
+                    raise SystemExit(128 + stop[0])
+
+        checkpoints.wait()
+        best_step = checkpoints.best_step()
+        best_val_loss = None if best_step is None else checkpoints.val_loss(best_step)
+    finally:
+        bar.close()
+        metrics_log.close()
+        checkpoints.wait()
+        checkpoints.close()
+
+    summary = {
+        "step": int(state["step"]),
+        "n_max_step": t.n_max_step,
+        "preset": t.preset,
+        "param_count": param_count(state["params"]),
+        "best_step": best_step,
+        "best_val_loss": best_val_loss,
+        "resumed_from": resumed,
+        "steps_this_run": t.n_max_step - start_step,
+        "tokens_per_s": total_steps * tokens_per_step / total_seconds if total_steps else None,
+        "wall_time_s": time.perf_counter() - started,
+        "tvq_version": tvq.__version__,
+    }
+    write_json_atomic(workdir / SUMMARY_FILE, summary)
+    log.info(
+        "finished step %d; best validation loss %s at step %s; summary in %s",
+        summary["step"], summary["best_val_loss"], summary["best_step"], workdir / SUMMARY_FILE,
+    )
+    return summary

@@ -1,0 +1,98 @@
+"""Training metrics: WORKDIR/metrics.jsonl, and optionally TensorBoard and Weights & Biases.
+
+metrics.jsonl holds one JSON object per line with a `step` and a `kind`: "train" lines
+carry losses, learning rate, gradient norm, tokens/s and per-layer codebook figures;
+"validation" lines carry the validation loss. A resumed run first drops the lines past
+the step it resumes from, so the file never holds two histories of the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tvq.files import write_text_atomic
+from tvq.model.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_after(path: Path, step: int) -> int:
+    """Drop the lines of metrics.jsonl whose step is past `step`; return how many."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # A line cut short by a killed run: it belongs to no finished step.
+            dropped += 1
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
+class MetricsLog:
+    """Append records to metrics.jsonl and mirror scalars to the optional loggers."""
+
+    def __init__(
+        self, workdir: Path, *, tensorboard: bool = False, wandb: bool = False,
+        wandb_project: str = "tvq", run_config: dict[str, Any] | None = None,
+    ):
+        self.path = Path(workdir) / METRICS_FILE
+        self.file = self.path.open("a")
+        self.tensorboard = None
+        self.wandb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "tensorboard: true needs the tensorboardX package; pip install "
+                    "tensorboardX, or set tensorboard: false"
+                ) from None
+            self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise ConfigError(
+                    "wandb: true needs the wandb package; pip install wandb, or set wandb: false"
+                ) from None
+            self.wandb = wandb_module.init(
+                project=wandb_project, dir=str(workdir), config=run_config, resume="allow"
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        scalars = {
+            f"{record['kind']}/{key}": value
+            for key, value in record.items()
+            if key not in ("step", "kind") and isinstance(value, int | float)
+        }
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,171 @@
+"""The training state, and the training and evaluation steps compiled over a device mesh.
+
+The state is a dict {step, params, codebook, opt_state}. The codebook statistics are
+updated by the model's forward pass in the same step, beside the optimiser rather than
+through it. Every step is a pure function of (state, batch): dropout randomness is
+derived from the seed and the step number, so a resumed run repeats an uninterrupted one
+exactly.
+
+Shapes: B batch, T sequence length, N vocabulary size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tvq.model.losses import cross_entropy
+from tvq.model.transformer import Transformer
+from tvq.train.config import RunConfig
+from tvq.train.optimizer import learning_rate_schedule, make_optimizer
+
+State = dict[str, Any]
+MESH_AXES = ("data", "model")
+
+
+def make_mesh(mesh_model: int = 1) -> Mesh:
+    """A mesh over every device: `model` of size mesh_model, `data` over the rest."""
+    n_device = jax.device_count()
+    if n_device % mesh_model:
+        raise ValueError(f"{n_device} devices cannot form a mesh with model axis {mesh_model}")
+    # Auto axes let XLA propagate shardings through the model from the inputs' shardings.
+    return jax.make_mesh(
+        (n_device // mesh_model, mesh_model),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Shard the batch dimension over the data axis."""
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+class Trainer:
+    """The model, optimiser and compiled steps of one run on one mesh."""
+
+    def __init__(self, config: RunConfig, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+        self.model = Transformer(config.model)
+        t = config.train
+        self.schedule = learning_rate_schedule(
+            t.lr_schedule, t.lr_max, t.n_warmup_step, t.n_max_step
+        )
+        self.optimizer = make_optimizer(
+            t.optimizer, self.schedule, weight_decay=t.wd_lam, grad_clip=t.grad_clip
+        )
+        init_key, self.dropout_key = jax.random.split(jax.random.PRNGKey(t.seed))
+        self._init_key = init_key
+
+        state_sharding = replicated(mesh)
+        data_sharding = batch_sharding(mesh)
+        self.state_sharding = state_sharding
+        self.data_sharding = data_sharding
+        self._init = jax.jit(self._init_state, out_shardings=state_sharding)
+        self._train_step = jax.jit(
+            self._step,
+            in_shardings=(state_sharding, data_sharding),
+            out_shardings=(state_sharding, replicated(mesh)),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(
+            self._score,
+            in_shardings=(state_sharding, state_sharding, data_sharding),
+            out_shardings=replicated(mesh),
+        )
+
+    def _init_state(self) -> State:
+        c = self.config.model
+        inputs = jnp.zeros((1, c.sequence_len), jnp.int32)
+        variables = self.model.init({"params": self._init_key}, inputs, train=False)
+        params = variables["params"]
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "codebook": variables["codebook"],
+            "opt_state": self.optimizer.init(params),
+        }
+
+    def init_state(self) -> State:
+        return self._init()
+
+    def abstract_state(self) -> State:
+        """Shapes, dtypes and shardings of the state, without computing it."""
+        shapes = jax.eval_shape(self._init_state)
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.state_sharding),
+            shapes,
+        )
+
+    def _step(self, state: State, batch: dict[str, jnp.ndarray]) -> tuple[State, dict]:
+        dropout_key = jax.random.fold_in(self.dropout_key, state["step"])
+
+        def loss_fn(params):
+            (logits, aux), updates = self.model.apply(
+                {"params": params, "codebook": state["codebook"]},
+                batch["inputs"],
+                train=True,
+                mutable=["codebook"],
+                rngs={"dropout": dropout_key},
+            )
+            ce = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+            return ce + aux["commit_loss"], (ce, aux, updates["codebook"])
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (ce, aux, codebook)), grads = grad_fn(state["params"])
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+
+        metrics = {
+            "loss": loss,
+            "ce_loss": ce,
+            "commit_loss": aux["commit_loss"],
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": self.schedule(state["step"]),
+            "codebook_usage": aux["codebook_usage"],
+            "codebook_perplexity": aux["codebook_perplexity"],
+        }
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "codebook": codebook,
+            "opt_state": opt_state,
+        }
+        return new_state, metrics
+
+    def _score(self, params, codebook, batch) -> dict[str, jnp.ndarray]:
+        logits, _ = self.model.apply(
+            {"params": params, "codebook": codebook}, batch["inputs"], train=False
+        )
+        B, T, N = logits.shape
+        assert batch["targets"].shape == (B, T), (batch["targets"].shape, logits.shape)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        mask = batch["loss_mask"]
+        return {
+            "nats": jnp.sum(jnp.where(mask, losses, 0.0)),
+            "targets": jnp.sum(mask.astype(jnp.int32)),
+        }
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.device_put(batch, self.data_sharding)
+
+    def train_step(self, state: State, batch: dict[str, np.ndarray]) -> tuple[State, dict]:
+        return self._train_step(state, self.put_batch(batch))
+
+    def score(self, state: State, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Summed cross-entropy in nats over the batch's real targets, and their count."""
+        return self._eval_step(state["params"], state["codebook"], self.put_batch(batch))
