@@ -1,5 +1,6 @@
 """Training runs through the real command line: resume, signals, NaN guard, checkpoints."""
 
+import importlib.util
 import json
 import os
 import re
@@ -181,3 +182,29 @@ def test_unknown_and_invalid_keys_are_reported_together(tmp_path, data_dir):
     line = failed.stderr.strip().splitlines()[-1]
     assert "d_model must be a positive integer, got -4" in line
     assert "unknown optimizer 'sgd'" in line
+
+
+def test_two_devices_train_like_one(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=6, p_dropres=0.0)
+    one = run_tvq(*train_args(config, data_dir, tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    two = subprocess.run(
+        tvq_command(*train_args(config, data_dir, tmp_path / "two")),
+        capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu"}, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr
+    assert "2 cpu device(s), mesh data=2 model=1" in two.stderr
+    losses_one = [r["loss"] for r in train_lines(tmp_path / "one")]
+    losses_two = [r["loss"] for r in train_lines(tmp_path / "two")]
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+
+
+def test_missing_optional_logger_is_reported_before_anything_is_written(tmp_path, data_dir):
+    if importlib.util.find_spec("tensorboardX") is not None:
+        pytest.skip("tensorboardX is installed, so the missing-package error cannot occur")
+    config = write_config(tmp_path / "tiny.yaml")
+    failed = run_tvq(*train_args(config, data_dir, tmp_path / "run", "tensorboard=true"))
+    assert failed.returncode == 1
+    assert "tensorboard: true needs the tensorboardX package" in failed.stderr
+    assert not (tmp_path / "run").exists()

@@ -31,7 +31,7 @@ from tvq.model.config import ConfigError
 from tvq.train.checkpoint import Checkpoints
 from tvq.train.config import RunConfig, config_differences
 from tvq.train.errors import CheckpointError, TrainingError
-from tvq.train.metrics_log import MetricsLog, truncate_after
+from tvq.train.metrics_log import MetricsLog, check_loggers, truncate_after
 from tvq.train.step import Trainer, make_mesh, param_count
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def train(
     c, t = config.model, config.train
     data_dir, workdir = Path(data_dir), Path(workdir)
     manifest = check_data(config, data_dir)
+    check_loggers(tensorboard=t.tensorboard, wandb=t.wandb)
     train_tokens = load_split(data_dir, "train")
     validation_tokens = load_split(data_dir, "validation")
 

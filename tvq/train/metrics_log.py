@@ -45,6 +45,19 @@ def truncate_after(path: Path, step: int) -> int:
     return dropped
 
 
+def check_loggers(*, tensorboard: bool, wandb: bool) -> None:
+    """Raise ConfigError if an optional logger is asked for but not installed."""
+    import importlib.util
+
+    wanted_modules = ((tensorboard, "tensorboardX", "tensorboard"), (wandb, "wandb", "wandb"))
+    for wanted, module, key in wanted_modules:
+        if wanted and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"{key}: true needs the {module} package; pip install {module}, or set "
+                f"{key}: false"
+            )
+
+
 class MetricsLog:
     """Append records to metrics.jsonl and mirror scalars to the optional loggers."""
 
@@ -52,26 +65,18 @@ class MetricsLog:
         self, workdir: Path, *, tensorboard: bool = False, wandb: bool = False,
         wandb_project: str = "tvq", run_config: dict[str, Any] | None = None,
     ):
+        check_loggers(tensorboard=tensorboard, wandb=wandb)
         self.path = Path(workdir) / METRICS_FILE
         self.file = self.path.open("a")
         self.tensorboard = None
         self.wandb = None
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "tensorboard: true needs the tensorboardX package; pip install "
-                    "tensorboardX, or set tensorboard: false"
-                ) from None
+            from tensorboardX import SummaryWriter
+
             self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
         if wandb:
-            try:
-                import wandb as wandb_module
-            except ImportError:
-                raise ConfigError(
-                    "wandb: true needs the wandb package; pip install wandb, or set wandb: false"
-                ) from None
+            import wandb as wandb_module
+
             self.wandb = wandb_module.init(
                 project=wandb_project, dir=str(workdir), config=run_config, resume="allow"
             )

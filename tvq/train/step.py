@@ -134,7 +134,7 @@ class Trainer:
             "loss": loss,
             "ce_loss": ce,
             "commit_loss": aux["commit_loss"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": self.schedule(state["step"]),
             "codebook_usage": aux["codebook_usage"],
             "codebook_perplexity": aux["codebook_perplexity"],
