@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import socket
+import time
 import zipfile
 
 import numpy as np
@@ -70,7 +72,7 @@ def test_download_gives_up_and_keeps_partial(tmp_path):
     body = generated_text(400_000)
     served = ServedFiles(files={"/data.bin": body}, cut_after={"/data.bin": 100_000})
     dest = tmp_path / "data.bin"
-    with serve(served) as base, pytest.raises(DataError, match="after 1 attempts.*rerun"):
+    with serve(served) as base, pytest.raises(DataError, match=r"after 1 attempt\(s\).*rerun"):
         download(f"{base}/data.bin", dest, retries=0, progress=False)
     assert not dest.exists()
     assert partial_path(dest).read_bytes() == body[:100_000]
@@ -170,3 +172,17 @@ def test_too_small_download_deleted(tmp_path):
     with serve(served) as base, pytest.raises(DataError, match="split 'validation' is empty"):
         prepare_enwik8(f"{base}/tiny.txt", tmp_path / "out", tmp_path / "dl", progress=False)
     assert not (tmp_path / "dl" / "tiny.txt").exists()
+
+
+def test_unreachable_host_fails_at_once_and_leaves_nothing(tmp_path):
+    # A port that was just free: nothing listens, so the connection is refused.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dest = tmp_path / "downloads" / "data.bin"
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"after 1 attempt\(s\) .*refused.*local file"):
+        download(f"http://127.0.0.1:{port}/data.bin", dest, backoff_s=30.0, progress=False)
+    # No backoff wait was taken, and nothing is left for a rerun to trip over.
+    assert time.monotonic() - started < 10
+    assert list(dest.parent.iterdir()) == []

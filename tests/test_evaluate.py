@@ -19,7 +19,7 @@ from tvq.train.errors import CheckpointError
 from tvq.train.loop import train
 from tvq.train.step import Trainer, make_mesh
 
-# Fields that docs and the pipeline rely on (DESIGN.md, Interfaces).
+# Fields that the README and the pipeline rely on.
 RESULT_FIELDS = {
     "dataset", "split", "metric", "value", "scored_tokens", "scored_bytes", "preset",
     "param_count", "checkpoint_step", "input_sha256", "canonical", "wall_time_s",

@@ -13,7 +13,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 DATASETS = ("enwik8", "pg19", "imagenet64")
 PRESETS = ("smoke", "cpu", "paper")
 
-# The paper's training configurations (../shared/DESIGN.md), per dataset.
+# The paper's training configurations, per dataset.
 PAPER = {
     "enwik8": dict(
         global_batch_size=32, sequence_len=8192, d_model=768, n_vocab=259,

@@ -56,8 +56,8 @@ def assert_trees_equal(a, b):
 
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
-    # Long enough that the signal lands mid-run; printed every step so the test can
-    # watch progress.
+    # Long enough for the signal to land mid-run. Metrics are written every step, so the
+    # test can watch progress.
     config = write_config(tmp_path / "tiny.yaml", n_max_step=300, n_save_step=100)
 
     straight = tmp_path / "straight"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +40,16 @@ def source_url_path(dest: Path) -> Path:
 
 class _RestartDownload(Exception):
     """The server resumed at another offset than requested; the partial file is void."""
+
+
+def _unreachable(error: Exception) -> bool:
+    """Return whether the host could not be reached at all (no network, no such host,
+    connection refused). A retry seconds later rarely helps there, unlike after a
+    connection cut mid-transfer."""
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, socket.gaierror | ConnectionRefusedError):
+        return True
+    return isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)
 
 
 def partial_path(dest: Path) -> Path:
@@ -141,15 +153,18 @@ def download(
                 "check the URL or pass a local file as the source"
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-            if attempt == retries:
+            if attempt == retries or _unreachable(error):
                 kept = part.stat().st_size if part.is_file() else 0
                 fix = (
                     f"rerun to resume from the {kept:,} bytes kept in {part}"
                     if kept
                     else "check the URL and the network connection"
                 )
+                if not kept:
+                    recorded.unlink(missing_ok=True)
+                reason = getattr(error, "reason", error)
                 raise DataError(
-                    f"download of {url} failed after {retries + 1} attempts ({error}); "
+                    f"download of {url} failed after {attempt + 1} attempt(s) ({reason}); "
                     f"{fix}, or pass a local file as the source"
                 ) from None
             wait = backoff_s * 2**attempt

@@ -72,7 +72,7 @@ class TrainConfig:
 # and learning-rate schedule of the run (lowering lr_max is the usual answer to a loss
 # that diverged), clipping, weight decay and logging. Any other difference (the model,
 # the optimiser, the batch size, the seed) makes the resumed run a different
-# experiment, so resuming is refused.
+# experiment, so resuming is rejected.
 RESUMABLE_KEYS = frozenset(
     {
         "n_max_step", "lr_max", "lr_schedule", "n_warmup_step", "grad_clip", "wd_lam",

@@ -4,6 +4,8 @@ WORKDIR layout:
     config.yaml          the resolved config of the run
     checkpoints/<step>/  orbax checkpoints (newest n_save_keep + best validation loss)
     metrics.jsonl        one JSON record per logged step
+    train_curve.csv      its train lines, and validation_curve.csv its validation lines,
+                         as CSV (written at the end of the run)
     train_summary.json   written last, once the run reaches n_max_step
 """
 
@@ -31,7 +33,7 @@ from tvq.model.config import ConfigError
 from tvq.train.checkpoint import Checkpoints
 from tvq.train.config import RunConfig, config_differences
 from tvq.train.errors import CheckpointError, TrainingError
-from tvq.train.metrics_log import MetricsLog, check_loggers, truncate_after
+from tvq.train.metrics_log import MetricsLog, check_loggers, truncate_after, write_curves
 from tvq.train.step import Trainer, make_mesh, param_count
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ SUMMARY_FILE = "train_summary.json"
 
 
 def check_data(config: RunConfig, data_dir: Path) -> dict[str, Any]:
-    """Check that the prepared data fits the config; return its manifest."""
+    """Check that the prepared data fits the config, and return its manifest."""
     manifest = load_manifest(data_dir)
     vocab_size = manifest["vocab"]["size"]
     if config.model.n_vocab < vocab_size:
@@ -289,6 +291,7 @@ def train(
         "wall_time_s": time.perf_counter() - started,
         "tvq_version": tvq.__version__,
     }
+    write_curves(workdir)
     write_json_atomic(workdir / SUMMARY_FILE, summary)
     log.info(
         "finished step %d; best validation loss %s at step %s; summary in %s",

@@ -8,6 +8,8 @@ the step it resumes from, so the file never holds two histories of the same step
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -19,6 +21,14 @@ from tvq.model.config import ConfigError
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+# Columns of the CSV views of metrics.jsonl, a format that `dvc plots` and spreadsheets read.
+CURVES = {
+    "train_curve.csv": (
+        "train",
+        ["step", "loss", "ce_loss", "learning_rate", "grad_norm", "tokens_per_s"],
+    ),
+    "validation_curve.csv": ("validation", ["step", "val_loss"]),
+}
 
 
 def truncate_after(path: Path, step: int) -> int:
@@ -101,3 +111,19 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def write_curves(workdir: Path) -> list[Path]:
+    """Write the train and validation lines of metrics.jsonl as CSV files beside it."""
+    workdir = Path(workdir)
+    lines = (workdir / METRICS_FILE).read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    written = []
+    for name, (kind, columns) in CURVES.items():
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(record for record in records if record.get("kind") == kind)
+        write_text_atomic(workdir / name, text.getvalue())
+        written.append(workdir / name)
+    return written

@@ -29,7 +29,7 @@ MESH_AXES = ("data", "model")
 
 
 def make_mesh(mesh_model: int = 1) -> Mesh:
-    """A mesh over every device: `model` of size mesh_model, `data` over the rest."""
+    """Return a mesh over every device: `model` of size mesh_model, `data` over the rest."""
     n_device = jax.device_count()
     if n_device % mesh_model:
         raise ValueError(f"{n_device} devices cannot form a mesh with model axis {mesh_model}")
@@ -96,7 +96,8 @@ class Trainer:
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
-            "codebook": variables["codebook"],
+            # attn_type "full" has no codebook.
+            "codebook": variables.get("codebook", {}),
             "opt_state": self.optimizer.init(params),
         }
 
@@ -123,7 +124,7 @@ class Trainer:
                 rngs={"dropout": dropout_key},
             )
             ce = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-            return ce + aux["commit_loss"], (ce, aux, updates["codebook"])
+            return ce + aux["commit_loss"], (ce, aux, updates.get("codebook", {}))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (ce, aux, codebook)), grads = grad_fn(state["params"])

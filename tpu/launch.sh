@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run one pipeline command on this TPU VM, or on every worker of a pod slice.
+#
+# With TVQ_TPU_NAME unset the command runs here. With TVQ_TPU_NAME and TVQ_TPU_ZONE set,
+# `gcloud compute tpus tpu-vm ssh --worker=all` runs it on each worker of that TPU, in the
+# same folder and with the same PATH as here. Every worker therefore needs this
+# repository, its virtual environment and the prepared data at the same paths. The
+# output of all workers arrives on this command's stdout and stderr.
+# NOTE: tvq does not call jax.distributed.initialize() yet, so the workers of a pod slice
+# do not form one JAX job; until multi-host start-up lands, use a single-host TPU VM.
+set -euo pipefail
+
+if [[ -z "${TVQ_TPU_NAME:-}" ]]; then
+    exec "$@"
+fi
+if [[ -z "${TVQ_TPU_ZONE:-}" ]]; then
+    echo "tpu/launch.sh: TVQ_TPU_ZONE is missing; set it to the zone of TPU ${TVQ_TPU_NAME}" >&2
+    exit 2
+fi
+
+remote_command="cd $(printf '%q' "$PWD") && export PATH=$(printf '%q' "$PATH")"
+remote_command+=" && $(printf '%q ' "$@")"
+exec gcloud compute tpus tpu-vm ssh "$TVQ_TPU_NAME" --zone "$TVQ_TPU_ZONE" --worker=all \
+    --command "$remote_command"
