@@ -208,3 +208,15 @@ def test_missing_optional_logger_is_reported_before_anything_is_written(tmp_path
     assert failed.returncode == 1
     assert "tensorboard: true needs the tensorboardX package" in failed.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_full_attention_baseline_trains_and_resumes(tmp_path, data_dir):
+    # attn_type "full" has no codebook, so its state carries an empty codebook tree.
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=4, n_save_step=2, attn_type="full")
+    done = run_tvq(*train_args(config, data_dir, tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    resumed = run_tvq(*train_args(config, data_dir, tmp_path / "run", "n_max_step=6"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 4 of 6" in resumed.stderr
+    state = restore_state(tmp_path / "run")
+    assert int(state["step"]) == 6 and state["codebook"] == {}
