@@ -18,10 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 import tvq
-from tvq.data.batches import eval_batch_count, eval_batches
 from tvq.data.splits import load_split, token_path
 from tvq.data.vocab import decode_bytes
 from tvq.evaluation.metrics import bits_per_unit, perplexity
@@ -126,18 +124,9 @@ def evaluate(
         f"{len(tokens):,}", split, data_dir, step,
     )
 
-    n_batches = eval_batch_count(
-        len(tokens), batch_size=t.eval_batch_size, sequence_len=c.sequence_len
+    nats, targets = trainer.score_split(
+        state, tokens, name=f"the {split} split", progress=progress
     )
-    nats, targets = 0.0, 0
-    batches = eval_batches(
-        tokens, batch_size=t.eval_batch_size, sequence_len=c.sequence_len,
-        name=f"the {split} split",
-    )
-    for batch in tqdm(batches, total=n_batches, unit="batch", disable=not progress, desc=split):
-        scored = trainer.score(state, batch)
-        nats += float(scored["nats"])
-        targets += int(scored["targets"])
     if targets != len(tokens):
         raise AssertionError(f"scored {targets} targets of a split of {len(tokens)} tokens")
     if not math.isfinite(nats):

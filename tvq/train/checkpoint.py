@@ -10,6 +10,7 @@ checkpoint that looks finished.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,27 @@ VAL_LOSS = "val_loss"
 
 def _val_loss(metrics: dict[str, Any]) -> float:
     return float(metrics[VAL_LOSS])
+
+
+def _is_closed_loop_error(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _drop_closed_loop_unraisable(unraisable) -> None:
+    if not _is_closed_loop_error(unraisable.exc_value):
+        sys.__unraisablehook__(unraisable)
+
+
+def _silence_failed_reads() -> None:
+    """Drop the reports of reads still in flight after a restore failed.
+
+    When one array of a checkpoint cannot be read, orbax stops waiting while TensorStore
+    completes or fails the other reads. Each of those then reports a traceback, through
+    the asyncio logger or as an unraisable exception, that would bury the one-line
+    error. The process is about to exit with that error, so nothing is lost.
+    """
+    sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
 
 
 class Checkpoints:
@@ -109,6 +131,10 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Read the state of `step` into arrays with abstract_state's shapes and shardings."""
+        # Installed before reading: a read that completes after another one failed finds
+        # orbax's event loop closed and reports it at once, from TensorStore's thread.
+        if sys.unraisablehook is sys.__unraisablehook__:
+            sys.unraisablehook = _drop_closed_loop_unraisable
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -118,6 +144,7 @@ class Checkpoints:
             raise self._unreadable(step, error) from error
 
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+        _silence_failed_reads()
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         # TensorStore appends a long repr of its error object after this phrase.
         reason = reason.split(". See full TensorStore details")[0]

@@ -26,7 +26,7 @@ import yaml
 from tqdm import tqdm
 
 import tvq
-from tvq.data.batches import eval_batches, train_batches
+from tvq.data.batches import train_batches
 from tvq.data.splits import load_manifest, load_split
 from tvq.files import write_json_atomic, write_text_atomic
 from tvq.model.config import ConfigError
@@ -87,19 +87,11 @@ def stop_requests() -> Iterator[list[int]]:
 
 
 def validate(trainer: Trainer, state, tokens: np.ndarray, n_batches: int | None) -> float:
-    """Mean cross-entropy in nats over the first n_batches validation batches (all if None)."""
-    c, t = trainer.config.model, trainer.config.train
-    nats, targets = 0.0, 0
-    batches = eval_batches(
-        tokens, batch_size=t.eval_batch_size, sequence_len=c.sequence_len,
-        name="the validation split",
+    """Return the mean cross-entropy in nats over the first n_batches validation batches
+    (all of them if None)."""
+    nats, targets = trainer.score_split(
+        state, tokens, max_batches=n_batches, name="the validation split"
     )
-    for index, batch in enumerate(batches):
-        if n_batches is not None and index >= n_batches:
-            break
-        scored = trainer.score(state, batch)
-        nats += float(scored["nats"])
-        targets += int(scored["targets"])
     return nats / targets
 
 

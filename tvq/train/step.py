@@ -11,6 +11,7 @@ Shapes: B batch, T sequence length, N vocabulary size.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
+from tvq.data.batches import eval_batch_count, eval_batches
 from tvq.model.losses import cross_entropy
 from tvq.model.transformer import Transformer
 from tvq.train.config import RunConfig
@@ -160,6 +163,39 @@ class Trainer:
             "nats": jnp.sum(jnp.where(mask, losses, 0.0)),
             "targets": jnp.sum(mask.astype(jnp.int32)),
         }
+
+    def score_split(
+        self,
+        state: State,
+        tokens: np.ndarray,
+        *,
+        max_batches: int | None = None,
+        name: str = "the split",
+        progress: bool = False,
+    ) -> tuple[float, int]:
+        """Return the summed cross-entropy in nats over a split's tokens, and their count.
+
+        The sum is taken in float64 on the host, batch by batch, so it stays exact to
+        float32 rounding per batch whatever the split's size. max_batches stops early.
+        """
+        c, t = self.config.model, self.config.train
+        n_batches = eval_batch_count(
+            len(tokens), batch_size=t.eval_batch_size, sequence_len=c.sequence_len
+        )
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        batches = eval_batches(
+            tokens, batch_size=t.eval_batch_size, sequence_len=c.sequence_len, name=name
+        )
+        nats, targets = 0.0, 0
+        bar = tqdm(total=n_batches, unit="batch", disable=not progress, desc=name)
+        with bar:
+            for batch in itertools.islice(batches, n_batches):
+                scored = self.score(state, batch)
+                nats += float(scored["nats"])
+                targets += int(scored["targets"])
+                bar.update(1)
+        return nats, targets
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return jax.device_put(batch, self.data_sharding)
