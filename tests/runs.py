@@ -56,7 +56,13 @@ def write_corpus(path: Path, n_words: int = 30_000, seed: int = 0) -> Path:
 
 def prepare_corpus(folder: Path) -> Path:
     """Prepare byte-level splits of a generated corpus into folder/data."""
-    source = write_corpus(folder / "corpus.txt")
+    return prepare_corpus_from(folder, seed=0)
+
+
+def prepare_corpus_from(folder: Path, seed: int) -> Path:
+    """Prepare byte-level splits of the corpus generated from `seed` into folder/data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = write_corpus(folder / "corpus.txt", seed=seed)
     prepare_text([str(source)], folder / "data")
     return folder / "data"
 

@@ -85,7 +85,14 @@ def test_unknown_and_invalid_values_are_errors(tmp_path):
     message = str(error.value)
     assert "global_batch_size must be a positive integer, got 0" in message
     assert "unknown head_type 'gqa'" in message
-    assert "lr_max must be a non-negative number, got 'fast'" in message
+    assert "lr_max must be a finite, non-negative number, got 'fast'" in message
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict({"e_tie": "maybe", "e_scale": "abc", "seed": 2**64, "grad_clip": 1e999})
+    message = str(error.value)
+    assert "e_tie must be true or false, got 'maybe'" in message
+    assert "e_scale must be a finite number, got 'abc'" in message
+    assert "seed must be below 2**32" in message
+    assert "grad_clip must be a finite, non-negative number, got inf" in message
     with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
         load_run_config([tmp_path / "missing.yaml"])
     with pytest.raises(ConfigError, match="not of the form key=value"):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -12,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from tests.runs import prepare_corpus, run_tvq, tvq_command, write_config
+from tests.runs import prepare_corpus, prepare_corpus_from, run_tvq, tvq_command, write_config
 from tvq.train.checkpoint import Checkpoints
 from tvq.train.config import load_run_config
+from tvq.train.metrics_log import truncate_after
 from tvq.train.step import Trainer, make_mesh
 
 
@@ -221,3 +223,77 @@ def test_full_attention_baseline_trains_and_resumes(tmp_path, data_dir):
     assert "resumed from step 4 of 6" in resumed.stderr
     state = restore_state(tmp_path / "run")
     assert int(state["step"]) == 6 and state["codebook"] == {}
+
+
+def test_second_run_on_a_workdir_is_rejected(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=3000, n_save_step=1000)
+    workdir = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    first = subprocess.Popen(
+        tvq_command(*train_args(config, data_dir, workdir)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (workdir / "metrics.jsonl").exists() or not train_lines(workdir):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = run_tvq(*train_args(config, data_dir, workdir))
+        assert second.returncode == 1
+        line = second.stderr.strip().splitlines()[-1]
+        assert f"workdir {workdir} is in use by another tvq train (process {first.pid})" in line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM
+
+
+def test_resume_rejects_other_data_and_a_shorter_run(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=5)
+    workdir = tmp_path / "run"
+    assert run_tvq(*train_args(config, data_dir, workdir)).returncode == 0
+    other = prepare_corpus_from(tmp_path / "other", seed=1)
+
+    moved = run_tvq(*train_args(config, other, workdir, "n_max_step=10"))
+    assert moved.returncode == 1
+    line = moved.stderr.strip().splitlines()[-1]
+    assert "was trained on other data than the text data now in --data-dir" in line
+    assert f"or delete {workdir}" in line
+
+    shorter = run_tvq(*train_args(config, data_dir, workdir, "n_max_step=3"))
+    assert shorter.returncode == 1
+    assert "is past n_max_step 3; set n_max_step to at least 5" in shorter.stderr
+
+
+def test_bad_token_files_are_reported_in_one_line(tmp_path, data_dir):
+    config = write_config(tmp_path / "tiny.yaml", n_max_step=3)
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    train_file = broken / "train.npy"
+    train_file.write_bytes(train_file.read_bytes()[:1000])
+    failed = run_tvq(*train_args(config, broken, tmp_path / "run"))
+    assert failed.returncode == 1
+    assert "train.npy is truncated or corrupt" in failed.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in failed.stderr
+
+    shutil.copy(data_dir / "train.npy", train_file)
+    tokens = np.load(broken / "validation.npy")
+    tokens[10] = 400
+    np.save(broken / "validation.npy", tokens)
+    failed = run_tvq(*train_args(config, broken, tmp_path / "run"))
+    assert "contains token id 400, outside the model's n_vocab 259" in failed.stderr
+
+    (broken / "manifest.json").write_text("{not json")
+    failed = run_tvq(*train_args(config, broken, tmp_path / "run"))
+    assert "manifest.json is not valid JSON" in failed.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_lines_are_repaired_before_appending(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "kind": "train"}\n5\n{"step": 2, "kind": "train"}\n{"step": 3')
+    assert truncate_after(path, 2) == 2
+    assert path.read_text() == '{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train"}\n'
+    path.write_text('{"step": 1, "kind": "train"}')
+    assert truncate_after(path, 2) == 0
+    assert path.read_text().endswith("}\n")

@@ -365,7 +365,7 @@ def _add_train(subparsers) -> None:
         help="folder for the run's checkpoints, metrics and resolved config",
     )
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
-    parser.set_defaults(handler=_run_train)
+    parser.set_defaults(handler=_run_train, handles_signals=True)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -406,7 +406,7 @@ def _add_evaluate(subparsers) -> None:
         help="score only the first N tokens; the JSON marks the result as partial",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(handler=_run_evaluate)
+    parser.set_defaults(handler=_run_evaluate, handles_signals=True)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -469,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jax").setLevel(logging.WARNING)
     # Orbax reports every save and restore step at INFO through absl.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # train and evaluate answer signals between steps themselves; until they start, the
+    # default action ends the process before anything is written.
+    if not getattr(args, "handles_signals", False):
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     prefix = f"tvq {args.command}: error:"
     try:
@@ -487,6 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tvq {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        # XLA reports an allocation that does not fit as a runtime error.
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        reason = str(error).strip().splitlines()[0][:300]
+        print(
+            f"{prefix} out of memory ({reason}); lower global_batch_size, sequence_len or "
+            "the model size, or set remat: full",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,3 +30,13 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError now if a file cannot later be written at path (its folder is created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "output path is a folder, not a file", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+        pass

@@ -110,7 +110,18 @@ def load_manifest(data_dir: Path) -> dict[str, Any]:
         raise DataError(
             f"{path} not found; run `tvq prepare` for this dataset with --out-dir {data_dir}"
         )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"{path} is not valid JSON ({error}); rerun `tvq prepare` with --out-dir {data_dir}"
+        ) from None
+    if not isinstance(manifest, dict) or not {"vocab", "splits"} <= set(manifest):
+        raise DataError(
+            f"{path} lacks the vocab and splits that `tvq prepare` writes; rerun it with "
+            f"--out-dir {data_dir}"
+        )
+    return manifest
 
 
 def load_split(data_dir: Path, split: str) -> np.ndarray:
@@ -122,4 +133,16 @@ def load_split(data_dir: Path, split: str) -> np.ndarray:
         raise DataError(
             f"token file {path} not found; run `tvq prepare` with --out-dir {data_dir}"
         )
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise DataError(
+            f"token file {path} is truncated or corrupt ({error}); rerun `tvq prepare` with "
+            f"--out-dir {data_dir}"
+        ) from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+        raise DataError(
+            f"token file {path} holds a {tokens.dtype} array of shape {tokens.shape}, not one "
+            f"row of token ids; rerun `tvq prepare` with --out-dir {data_dir}"
+        )
+    return tokens

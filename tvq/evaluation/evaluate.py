@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,23 @@ import jax
 import numpy as np
 
 import tvq
-from tvq.data.splits import load_split, token_path
+from tvq.data.splits import token_path
 from tvq.data.vocab import decode_bytes
 from tvq.evaluation.metrics import bits_per_unit, perplexity
-from tvq.files import write_json_atomic
+from tvq.files import check_writable, write_json_atomic
 from tvq.model.config import ConfigError
 from tvq.train.checkpoint import Checkpoints
 from tvq.train.config import RunConfig, load_run_config
 from tvq.train.errors import CheckpointError
-from tvq.train.loop import CHECKPOINT_DIR, CONFIG_FILE, check_batch_sizes, check_data
+from tvq.train.loop import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    check_batch_sizes,
+    check_data,
+    data_fingerprint,
+    load_tokens,
+    stop_requests,
+)
 from tvq.train.step import Trainer, make_mesh, param_count
 
 log = logging.getLogger(__name__)
@@ -85,12 +94,35 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score `split` with the best checkpoint in WORKDIR and write the result to `out`."""
+    # Signals only set a flag, answered between batches: an exception raised inside
+    # JAX's compilation or callbacks would be lost or crash the process.
+    with stop_requests() as stop:
+        return _evaluate(
+            Path(workdir), Path(data_dir), split, Path(out), config, max_tokens, progress, stop
+        )
+
+
+def _evaluate(
+    workdir: Path,
+    data_dir: Path,
+    split: str,
+    out: Path,
+    config: RunConfig | None,
+    max_tokens: int | None,
+    progress: bool,
+    stop: list[int],
+) -> dict[str, Any]:
     started = time.perf_counter()
-    workdir, data_dir = Path(workdir), Path(data_dir)
     config = config or load_workdir_config(workdir)
     c, t = config.model, config.train
+    if max_tokens is not None and max_tokens < c.sequence_len:
+        raise ConfigError(
+            f"--max-tokens {max_tokens} is shorter than one sequence of {c.sequence_len} "
+            "tokens; pass at least that many"
+        )
+    check_writable(out)
     manifest = check_data(config, data_dir)
-    split_tokens = load_split(data_dir, split)
+    split_tokens = load_tokens(config, data_dir, split)
     partial = max_tokens is not None and max_tokens < len(split_tokens)
     tokens = split_tokens[:max_tokens] if partial else split_tokens
 
@@ -102,7 +134,8 @@ def evaluate(
                 f"no checkpoint in {checkpoints.directory}; run `tvq train` with --workdir "
                 f"{workdir} first"
             )
-        saved = checkpoints.read_meta(step).get("config", {})
+        meta = checkpoints.read_meta(step)
+        saved = meta.get("config", {})
         model_keys = config.model.to_dict()
         differing = [k for k in model_keys if k in saved and saved[k] != model_keys[k]]
         if differing:
@@ -114,7 +147,7 @@ def evaluate(
         checkpoint_val_loss = checkpoints.val_loss(step)
 
         mesh = make_mesh(t.mesh_model)
-        check_batch_sizes(config, mesh.shape["data"])
+        check_batch_sizes(config, mesh.shape["data"], keys=("eval_batch_size",))
         trainer = Trainer(config, mesh)
         state = checkpoints.restore(step, trainer.abstract_state())
     finally:
@@ -125,8 +158,11 @@ def evaluate(
     )
 
     nats, targets = trainer.score_split(
-        state, tokens, name=f"the {split} split", progress=progress
+        state, tokens, name=f"the {split} split", progress=progress, stop=stop
     )
+    if stop:
+        log.info("%s received; no result written", signal.Signals(stop[0]).name)
+        raise SystemExit(128 + stop[0])
     if targets != len(tokens):
         raise AssertionError(f"scored {targets} targets of a split of {len(tokens)} tokens")
     if not math.isfinite(nats):
@@ -157,7 +193,16 @@ def evaluate(
     if manifest["vocab"]["type"] != "bytes" and metric != "bits_per_dim":
         result["bits_per_byte"] = bits_per_unit(nats, scored_bytes)
 
-    canonical = bool(manifest.get("canonical", False))
+    # A result is canonical only if the model was also trained on this (canonical) data.
+    fingerprint = data_fingerprint(manifest)
+    trained_on = meta.get("data", {})
+    same_data = trained_on.get("fingerprint", fingerprint) == fingerprint
+    if not same_data:
+        log.warning(
+            "the checkpoint was trained on other %s data than %s; the result is marked "
+            "non-canonical", trained_on.get("dataset"), data_dir,
+        )
+    canonical = bool(manifest.get("canonical", False)) and same_data
     result.update(
         {
             "loss_nats_per_token": nats / targets,

@@ -11,6 +11,7 @@ directly. Shape letters used across `tvq.model`:
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,19 @@ def validation_errors(config: TransformerConfig) -> list[str]:
             f"d_model {config.d_model} is not a multiple of d_k {config.d_k}, "
             f"which head_type {config.head_type!r} needs to form d_model / d_k heads"
         )
+    for key in ("pe_abs", "e_tie", "e_preln"):
+        if not isinstance(getattr(config, key), bool):
+            errors.append(f"{key} must be true or false, got {getattr(config, key)!r}")
+    numbers_valid = True
+    for key in ("pe_lam", "p_dropsin", "p_dropres", "p_droplyr", "c_beta", "c_gamma", "e_scale"):
+        value = getattr(config, key)
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value):
+            errors.append(f"{key} must be a finite number, got {value!r}")
+            numbers_valid = False
+    if not numbers_valid:
+        return errors
+
     for key in ("p_dropsin", "p_dropres", "p_droplyr"):
         value = getattr(config, key)
         if not 0.0 <= value < 1.0:

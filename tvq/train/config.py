@@ -9,6 +9,7 @@ TrainConfig; any other key is an error, so a typo never passes silently.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,20 @@ def train_config_errors(config: TrainConfig) -> list[str]:
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             errors.append(f"{key} must be a non-negative integer, got {value!r}")
+    if isinstance(config.seed, int) and config.seed >= 2**32:
+        errors.append(f"seed must be below 2**32, got {config.seed}")
     for key in ("lr_max", "grad_clip", "wd_lam"):
         value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            errors.append(f"{key} must be a non-negative number, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            errors.append(f"{key} must be a finite, non-negative number, got {value!r}")
+    for key in ("preset", "wandb_project"):
+        if not isinstance(getattr(config, key), str):
+            errors.append(f"{key} must be a string, got {getattr(config, key)!r}")
     if isinstance(config.lr_max, int | float) and config.lr_max == 0:
         errors.append("lr_max must be positive, got 0")
     if config.mesh_model != 1:
@@ -199,12 +210,13 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         values = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"config file {path} is not valid YAML ({reason})") from None
     if values is None:
         return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must contain a mapping of keys to values")
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise ConfigError(f"config file {path} must contain a mapping of names to values")
     return values
 
 

@@ -32,25 +32,29 @@ CURVES = {
 
 
 def truncate_after(path: Path, step: int) -> int:
-    """Drop the lines of metrics.jsonl whose step is past `step`; return how many."""
+    """Keep the lines of metrics.jsonl up to `step`; return how many other lines were dropped.
+
+    Lines past `step` belong to steps that will run again. A line that is not a JSON
+    record, such as one cut short by a killed run, is dropped too, and the file is
+    rewritten to end with a newline so that appended records stay one per line.
+    """
     path = Path(path)
     if not path.exists():
         return 0
+    text = path.read_text(errors="replace")
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            # A line cut short by a killed run: it belongs to no finished step.
-            dropped += 1
-            continue
-        if record.get("step", 0) <= step:
+            record = None
+        if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
         else:
             dropped += 1
-    if dropped:
+    if dropped or (text and not text.endswith("\n")):
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped
 

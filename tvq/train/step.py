@@ -172,11 +172,13 @@ class Trainer:
         max_batches: int | None = None,
         name: str = "the split",
         progress: bool = False,
+        stop: list[int] | None = None,
     ) -> tuple[float, int]:
         """Return the summed cross-entropy in nats over a split's tokens, and their count.
 
         The sum is taken in float64 on the host, batch by batch, so it stays exact to
-        float32 rounding per batch whatever the split's size. max_batches stops early.
+        float32 rounding per batch whatever the split's size. max_batches stops early, and
+        so does a non-empty `stop` list (a signal received), leaving the sums partial.
         """
         c, t = self.config.model, self.config.train
         n_batches = eval_batch_count(
@@ -191,6 +193,8 @@ class Trainer:
         bar = tqdm(total=n_batches, unit="batch", disable=not progress, desc=name)
         with bar:
             for batch in itertools.islice(batches, n_batches):
+                if stop:
+                    break
                 scored = self.score(state, batch)
                 nats += float(scored["nats"])
                 targets += int(scored["targets"])
