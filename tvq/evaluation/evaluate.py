@@ -58,7 +58,7 @@ def metric_name(manifest: dict[str, Any]) -> str:
 
 
 def decoded_text(tokens: np.ndarray, manifest: dict[str, Any]) -> bytes:
-    """The UTF-8 bytes that the tokens stand for (special ids dropped)."""
+    """Return the UTF-8 bytes that the tokens stand for, without the special ids."""
     if manifest["vocab"]["type"] == "bytes":
         return decode_bytes(tokens)
     from tvq.data.sentencepiece_vocab import SentencePieceVocab
@@ -94,8 +94,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score `split` with the best checkpoint in WORKDIR and write the result to `out`."""
-    # Signals only set a flag, answered between batches: an exception raised inside
-    # JAX's compilation or callbacks would be lost or crash the process.
+    # Signals only set a flag, which is checked between batches, because an exception
+    # raised inside JAX's compilation or callbacks would be lost or crash the process.
     with stop_requests() as stop:
         return _evaluate(
             Path(workdir), Path(data_dir), split, Path(out), config, max_tokens, progress, stop

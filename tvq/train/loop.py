@@ -61,7 +61,7 @@ def check_data(config: RunConfig, data_dir: Path) -> dict[str, Any]:
 
 
 def load_tokens(config: RunConfig, data_dir: Path, split: str) -> np.ndarray:
-    """Memory-map a split, checking that it holds a sequence and only ids the model knows."""
+    """Memory-map a split after checking that it has one sequence and only ids below n_vocab."""
     tokens = load_split(data_dir, split)
     path = token_path(data_dir, split)
     if len(tokens) < config.model.sequence_len:
@@ -132,7 +132,7 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[list[int]]:
-    """Turn SIGTERM and the first SIGINT into a request the loop answers between steps.
+    """Turn SIGTERM and the first SIGINT into a stop request, checked between steps.
 
     Yields a list that receives the signal number. A second SIGINT interrupts at once.
     """
@@ -198,8 +198,8 @@ def train(
     config: RunConfig, data_dir: Path, workdir: Path, *, progress: bool = True
 ) -> dict[str, Any]:
     """Train to config.train.n_max_step, resuming from WORKDIR's newest checkpoint."""
-    # Signals only set a flag, answered between steps: an exception raised inside JAX's
-    # compilation or callbacks would be lost or crash the process.
+    # Signals only set a flag, which is checked between steps, because an exception raised
+    # inside JAX's compilation or callbacks would be lost or crash the process.
     with stop_requests() as stop:
         return _train(config, Path(data_dir), Path(workdir), progress, stop)
 

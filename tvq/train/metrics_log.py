@@ -1,6 +1,6 @@
 """Training metrics: WORKDIR/metrics.jsonl, and optionally TensorBoard and Weights & Biases.
 
-metrics.jsonl holds one JSON object per line with a `step` and a `kind`: "train" lines
+metrics.jsonl contains one JSON object per line with a `step` and a `kind`: "train" lines
 carry losses, learning rate, gradient norm, tokens/s and per-layer codebook figures;
 "validation" lines carry the validation loss. A resumed run first drops the lines past
 the step it resumes from, so the file never holds two histories of the same steps.
