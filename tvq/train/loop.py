@@ -264,10 +264,15 @@ def _train_locked(
     else:
         log.info("resumed from step %d of %d (%s)", resumed, t.n_max_step, checkpoints.directory)
 
-    write_text_atomic(workdir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    if start_step < t.n_max_step:
-        # A summary from an earlier, shorter run no longer describes this one.
-        (workdir / SUMMARY_FILE).unlink(missing_ok=True)
+
+    def record_config() -> None:
+        """Write config.yaml, and drop a summary that no longer describes the run."""
+        write_text_atomic(workdir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if start_step < t.n_max_step:
+            (workdir / SUMMARY_FILE).unlink(missing_ok=True)
+
+    if start_step >= t.n_max_step:
+        record_config()
     dropped = truncate_after(workdir / "metrics.jsonl", start_step)
     if dropped:
         log.info(
@@ -307,6 +312,10 @@ def _train_locked(
             elapsed = time.perf_counter() - tick
             if step == start_step + 1:
                 log.info("first step (with compilation) took %.1f s", elapsed)
+                # Only now: a run that fails before its first step leaves the files of
+                # the run its checkpoints belong to.
+                if math.isfinite(loss):
+                    record_config()
             else:
                 window_seconds += elapsed
                 window_steps += 1
