@@ -77,13 +77,15 @@ def test_bits_per_byte_match_a_direct_computation(byte_run, tmp_path):
     nats = reference_nats(config, state, tokens)
 
     assert result["scored_tokens"] == result["scored_bytes"] == len(tokens) == 1200
-    assert result["metric"] == "bits_per_byte" and result["partial"] is False
+    assert result["metric"] == "bits_per_byte"
+    assert result["partial"] is False
     assert result["checkpoint_step"] == step
     np.testing.assert_allclose(result["value"], nats / 1200 / math.log(2), rtol=1e-5)
     assert json.loads((tmp_path / "test.json").read_text()) == result
     assert RESULT_FIELDS <= set(result)
     # A "text" dataset has no paper figure to compare with.
-    assert result["canonical"] is False and result["paper_value"] is None
+    assert result["canonical"] is False
+    assert result["paper_value"] is None
 
 
 def test_partial_evaluation_is_marked(byte_run, tmp_path):
@@ -91,7 +93,8 @@ def test_partial_evaluation_is_marked(byte_run, tmp_path):
     result = evaluate(
         workdir, data_dir, "validation", tmp_path / "v.json", max_tokens=100, progress=False
     )
-    assert result["partial"] is True and result["max_tokens"] == 100
+    assert result["partial"] is True
+    assert result["max_tokens"] == 100
     assert result["scored_tokens"] == result["scored_bytes"] == 100
     assert result["split_tokens"] == len(load_split(data_dir, "validation"))
     assert result["paper_value"] is None

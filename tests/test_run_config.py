@@ -99,7 +99,7 @@ def test_unknown_and_invalid_values_are_errors(tmp_path):
         parse_override("lr_max")
 
 
-def test_only_schedule_and_logging_keys_may_change_on_resume():
+def test_resume_allows_schedule_changes_only():
     saved = load_run_config(files("enwik8", "smoke")).to_dict()
     changed = {**saved, "n_max_step": 10**6, "lr_max": 1.0, "n_save_keep": 9, "wd_lam": 0.5}
     assert config_differences(saved, changed) == []

@@ -240,7 +240,8 @@ def test_second_run_on_a_workdir_is_rejected(tmp_path, data_dir):
     try:
         deadline = time.monotonic() + 120
         while not (workdir / "metrics.jsonl").exists() or not train_lines(workdir):
-            assert time.monotonic() < deadline and first.poll() is None
+            assert time.monotonic() < deadline
+            assert first.poll() is None
             time.sleep(0.05)
         second = run_tvq(*train_args(config, data_dir, workdir))
         assert second.returncode == 1

@@ -7,7 +7,7 @@
 # repository, its virtual environment and the prepared data at the same paths. The
 # output of all workers arrives on this command's stdout and stderr.
 # NOTE: tvq does not call jax.distributed.initialize() yet, so the workers of a pod slice
-# do not form one JAX job; until multi-host start-up lands, use a single-host TPU VM.
+# do not form one JAX job. Until multi-host start-up lands, use a single-host TPU VM.
 set -euo pipefail
 
 if [[ -z "${TVQ_TPU_NAME:-}" ]]; then

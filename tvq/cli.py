@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jax").setLevel(logging.WARNING)
     # Orbax reports every save and restore step at INFO through absl.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    # train and evaluate answer signals between steps themselves; until they start, the
+    # train and evaluate handle signals between steps themselves; until they start, the
     # default action ends the process before anything is written.
     if not getattr(args, "handles_signals", False):
         signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -142,7 +142,7 @@ def load_split(data_dir: Path, split: str) -> np.ndarray:
         ) from None
     if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
         raise DataError(
-            f"token file {path} holds a {tokens.dtype} array of shape {tokens.shape}, not one "
+            f"token file {path} contains a {tokens.dtype} array of shape {tokens.shape}, not one "
             f"row of token ids; rerun `tvq prepare` with --out-dir {data_dir}"
         )
     return tokens

@@ -9,7 +9,6 @@ word-level perplexity (with token-level beside it) for PG-19 and SentencePiece t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import signal
@@ -21,13 +20,14 @@ import jax
 import numpy as np
 
 import tvq
+from tvq.data.raw import file_digest
 from tvq.data.splits import token_path
 from tvq.data.vocab import decode_bytes
 from tvq.evaluation.metrics import bits_per_unit, perplexity
 from tvq.files import check_writable, write_json_atomic
 from tvq.model.config import ConfigError
 from tvq.train.checkpoint import Checkpoints
-from tvq.train.config import RunConfig, load_run_config
+from tvq.train.config import RunConfig, config_differences, load_run_config
 from tvq.train.errors import CheckpointError
 from tvq.train.loop import (
     CHECKPOINT_DIR,
@@ -64,14 +64,6 @@ def decoded_text(tokens: np.ndarray, manifest: dict[str, Any]) -> bytes:
     from tvq.data.sentencepiece_vocab import SentencePieceVocab
 
     return SentencePieceVocab(Path(manifest["vocab"]["model"])).decode(tokens).encode()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_workdir_config(workdir: Path) -> RunConfig:
@@ -136,10 +128,11 @@ def _evaluate(
             )
         meta = checkpoints.read_meta(step)
         saved = meta.get("config", {})
-        model_keys = config.model.to_dict()
-        differing = [k for k in model_keys if k in saved and saved[k] != model_keys[k]]
-        if differing:
-            changes = ", ".join(f"{k}: {saved[k]!r} -> {model_keys[k]!r}" for k in differing)
+        # Only the model must match: training keys do not change what is evaluated.
+        model_keys = {k: v for k, v in config.model.to_dict().items() if k in saved}
+        differences = config_differences({k: saved[k] for k in model_keys}, model_keys)
+        if differences:
+            changes = "; ".join(differences)
             raise CheckpointError(
                 f"checkpoint {checkpoints.directory / str(step)} has a different model "
                 f"config ({changes}); evaluate with the run's own config"
@@ -216,7 +209,7 @@ def _evaluate(
             "param_count": param_count(state["params"]),
             "checkpoint_step": step,
             "checkpoint_val_loss": checkpoint_val_loss,
-            "input_sha256": file_sha256(token_path(data_dir, split)),
+            "input_sha256": file_digest(token_path(data_dir, split)),
             "source_sha256": manifest.get("source_sha256"),
             "canonical": canonical,
             "paper_value": PAPER_TEST_RESULTS.get(manifest.get("dataset"))

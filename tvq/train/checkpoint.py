@@ -95,7 +95,7 @@ class Checkpoints:
         return _val_loss(metrics)
 
     def best_step(self) -> int | None:
-        """The step with the lowest validation loss, or the newest if none was validated."""
+        """Return the step with the lowest validation loss, or the newest if none was validated."""
         losses = {step: self.val_loss(step) for step in self.steps()}
         scored = [(loss, step) for step, loss in losses.items() if loss is not None]
         if scored:

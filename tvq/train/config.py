@@ -70,7 +70,7 @@ class TrainConfig:
 
 
 # Keys that may change between a checkpoint and the run resuming from it: the length
-# and learning-rate schedule of the run (lowering lr_max is the usual answer to a loss
+# and learning-rate schedule of the run (lowering lr_max is the usual remedy for a loss
 # that diverged), clipping, weight decay and logging. Any other difference (the model,
 # the optimiser, the batch size, the seed) makes the resumed run a different
 # experiment, so resuming is rejected.
@@ -139,7 +139,7 @@ class RunConfig:
     train: TrainConfig
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat mapping that, written as YAML, loads back to this config."""
+        """Return the flat mapping that, written as YAML, loads back to this config."""
         return {**self.model.to_dict(), **self.train.to_dict()}
 
     @classmethod

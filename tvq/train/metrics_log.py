@@ -63,9 +63,9 @@ def check_loggers(*, tensorboard: bool, wandb: bool) -> None:
     """Raise ConfigError if an optional logger is asked for but not installed."""
     import importlib.util
 
-    wanted_modules = ((tensorboard, "tensorboardX", "tensorboard"), (wandb, "wandb", "wandb"))
-    for wanted, module, key in wanted_modules:
-        if wanted and importlib.util.find_spec(module) is None:
+    requested_loggers = ((tensorboard, "tensorboardX", "tensorboard"), (wandb, "wandb", "wandb"))
+    for requested, module, key in requested_loggers:
+        if requested and importlib.util.find_spec(module) is None:
             raise ConfigError(
                 f"{key}: true needs the {module} package; pip install {module}, or set "
                 f"{key}: false"
