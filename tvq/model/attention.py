@@ -10,6 +10,7 @@ k [B, T, h, K], v [B, T, h, V], u and w [h, G, K] and r [L + 1, h, K]. The outpu
 
 - `vq_attention`: linear time. Keys must be codewords (k_j = c_{z_j}). A query in block
   n attends exactly to blocks n-1 and n and to the compressed cache of blocks <= n-2.
+  It scans over query blocks, so only one block's scores are live at a time.
 - `quadratic_attention`: materialises all T x T scores; the oracle for the above when
   given the same quantised keys.
 - `full_attention`: the quadratic-time baseline, one query block at a time so that
@@ -18,11 +19,28 @@ k [B, T, h, K], v [B, T, h, V], u and w [h, G, K] and r [L + 1, h, K]. The outpu
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
 from tvq.model.cache import compressed_cache
 from tvq.model.positions import relative_window_bias
+
+# XLA's cost analysis counts a loop body once, whatever its trip count, so FLOP checks
+# trace vq_attention and full_attention with their block scans unrolled (see tvq.bench.flops).
+_UNROLL_BLOCK_SCAN = contextvars.ContextVar("unroll_block_scan", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_block_scan():
+    """Trace vq_attention and full_attention with their block scans unrolled while inside."""
+    token = _UNROLL_BLOCK_SCAN.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL_BLOCK_SCAN.reset(token)
 
 # Masked scores: finite, so that masked entries get zero probability and zero gradient
 # without producing inf - inf.
@@ -49,20 +67,12 @@ def _head_major_blocks(x: jnp.ndarray, block_len: int) -> jnp.ndarray:
     return jnp.moveaxis(x, 2, -2)
 
 
-def _window(x: jnp.ndarray) -> jnp.ndarray:
-    """[B, R, h, L, C] -> [B, R, h, 2L, C]: the previous block (zeros for block 0), then
-    this one."""
-    previous = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
-    return jnp.concatenate([previous, x], axis=-2)
-
-
-def _window_mask(n_block: int, block_len: int) -> jnp.ndarray:
-    """[R, L, 2L] True where window key j' is visible to query i of block n."""
-    query = jnp.arange(block_len)[None, :, None]
-    key = jnp.arange(2 * block_len)[None, None, :]
-    block = jnp.arange(n_block)[:, None, None]
+def _block_window_mask(n: jnp.ndarray, block_len: int) -> jnp.ndarray:
+    """[L, 2L] True where window key j' is visible to query i of block n."""
+    query = jnp.arange(block_len)[:, None]
+    key = jnp.arange(2 * block_len)[None, :]
     causal = key <= query + block_len
-    exists = (block > 0) | (key >= block_len)
+    exists = (n > 0) | (key >= block_len)
     return causal & exists
 
 
@@ -93,49 +103,70 @@ def vq_attention(
     assert z.shape == (B, T, h), (z.shape, q.shape)
     assert codebook.shape == (h, S, K), (codebook.shape, q.shape)
 
-    qu = _head_major_blocks(q + u.astype(q.dtype), L)  # [B, R, h, G, L, K]
-    qw = _head_major_blocks(q + w.astype(q.dtype), L)
-    k_window = _window(_head_major_blocks(k_hat, L))  # [B, R, h, 2L, K]
-    v_window = _window(_head_major_blocks(v, L))  # [B, R, h, 2L, V]
+    # Block axis first for the scan over blocks.
+    qu = jnp.moveaxis(_head_major_blocks(q + u.astype(q.dtype), L), 1, 0)  # [R, B, h, G, L, K]
+    qw = jnp.moveaxis(_head_major_blocks(q + w.astype(q.dtype), L), 1, 0)
+    k_blocks = jnp.moveaxis(_head_major_blocks(k_hat, L), 1, 0)  # [R, B, h, L, K]
+    v_blocks = jnp.moveaxis(_head_major_blocks(v, L), 1, 0)  # [R, B, h, L, V]
 
-    # Exact part: the previous and the current block.
-    window_scores = jnp.einsum(
-        "brhgik,brhjk->brhgij", qu, k_window, preferred_element_type=jnp.float32
-    )
-    window_scores = window_scores + relative_window_bias(qw, r)
-    mask = _window_mask(R, L)[None, :, None, None]
-    window_scores = jnp.where(mask, window_scores, MASKED_SCORE)
-
-    # Compressed part: one score per code for all blocks <= n-2, which are farther than
-    # L from every query of block n, so they carry no position term.
+    # The compressed cache covers blocks <= n-2, which are farther than L from every
+    # query of block n, so its scores carry no position term.
     counts, means = compressed_cache(_blocks(z, L), _blocks(v, L), S, reduction)
-    cache_scores = jnp.einsum(
-        "brhgik,hsk->brhgis", qu, codebook.astype(q.dtype), preferred_element_type=jnp.float32
-    )
     log_counts = jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1.0)), MASKED_SCORE)
-    cache_scores = cache_scores + log_counts[:, :, :, None, None, :]
+    log_counts = jnp.moveaxis(log_counts, 1, 0)  # [R, B, h, S]
+    means = jnp.moveaxis(means, 1, 0)  # [R, B, h, S, V]
+    codes = codebook.astype(q.dtype)
 
-    # One softmax over both parts, normalised after the weighted sums.
-    max_score = jnp.maximum(window_scores.max(-1), cache_scores.max(-1))
-    max_score = jax.lax.stop_gradient(max_score)[..., None]
-    window_weights = jnp.exp(window_scores - max_score)
-    cache_weights = jnp.exp(cache_scores - max_score)
-    normaliser = window_weights.sum(-1) + cache_weights.sum(-1)
+    # One block per scan step, rematerialised in the backward pass, so that the scores
+    # and weights of only one block are live at a time: memory grows with T only through
+    # the inputs and the cache.
+    @jax.checkpoint
+    def attend_block(n, qu_n, qw_n, k_n, v_n, k_previous, v_previous, log_counts_n, means_n):
+        # Exact part: the previous block's keys, then this block's.
+        k_window = jnp.concatenate([k_previous, k_n], axis=-2)  # [B, h, 2L, K]
+        v_window = jnp.concatenate([v_previous, v_n], axis=-2)  # [B, h, 2L, V]
+        window_scores = jnp.einsum(
+            "bhgik,bhjk->bhgij", qu_n, k_window, preferred_element_type=jnp.float32
+        )
+        window_scores = window_scores + relative_window_bias(qw_n, r)
+        window_scores = jnp.where(_block_window_mask(n, L), window_scores, MASKED_SCORE)
 
-    out = jnp.einsum(
-        "brhgij,brhjv->brhgiv",
-        window_weights.astype(v.dtype),
-        v_window,
-        preferred_element_type=jnp.float32,
-    )
-    out = out + jnp.einsum(
-        "brhgis,brhsv->brhgiv",
-        cache_weights.astype(v.dtype),
-        means.astype(v.dtype),
-        preferred_element_type=jnp.float32,
-    )
-    out = out / normaliser[..., None]
-    out = jnp.einsum("brhgiv->brihgv", out).reshape(B, T, h, G, v.shape[-1])
+        # Compressed part: one score per code, weighted by how many keys chose it.
+        cache_scores = jnp.einsum(
+            "bhgik,hsk->bhgis", qu_n, codes, preferred_element_type=jnp.float32
+        )
+        cache_scores = cache_scores + log_counts_n[:, :, None, None, :]
+
+        # One softmax over both parts, normalised after the weighted sums.
+        max_score = jnp.maximum(window_scores.max(-1), cache_scores.max(-1))
+        max_score = jax.lax.stop_gradient(max_score)[..., None]
+        window_weights = jnp.exp(window_scores - max_score)
+        cache_weights = jnp.exp(cache_scores - max_score)
+        normaliser = window_weights.sum(-1) + cache_weights.sum(-1)
+
+        out = jnp.einsum(
+            "bhgij,bhjv->bhgiv", window_weights.astype(v.dtype), v_window,
+            preferred_element_type=jnp.float32,
+        )
+        out = out + jnp.einsum(
+            "bhgis,bhsv->bhgiv", cache_weights.astype(v.dtype), means_n.astype(v.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return out / normaliser[..., None]
+
+    def step(previous, inputs):
+        n, qu_n, qw_n, k_n, v_n, log_counts_n, means_n = inputs
+        out = attend_block(n, qu_n, qw_n, k_n, v_n, *previous, log_counts_n, means_n)
+        return (k_n, v_n), out
+
+    # Block 0 has no previous block: its zero keys and values are masked out.
+    first = (jnp.zeros_like(k_blocks[0]), jnp.zeros_like(v_blocks[0]))
+    unroll = R if _UNROLL_BLOCK_SCAN.get() else 1
+    _, out = jax.lax.scan(
+        step, first, (jnp.arange(R), qu, qw, k_blocks, v_blocks, log_counts, means),
+        unroll=unroll,
+    )  # [R, B, h, G, L, V]
+    out = jnp.einsum("rbhgiv->brihgv", out).reshape(B, T, h, G, v.shape[-1])
     return out.astype(v.dtype)
 
 
@@ -206,6 +237,8 @@ def full_attention(q, k, v, u, w, r, *, block_len: int) -> jnp.ndarray:
     def step(carry, inputs):
         return carry, attend_block(*inputs)
 
-    _, out = jax.lax.scan(step, None, (jnp.arange(R), qu, qw))  # [R, B, h, G, L, V]
+    unroll = R if _UNROLL_BLOCK_SCAN.get() else 1
+    # out: [R, B, h, G, L, V]
+    _, out = jax.lax.scan(step, None, (jnp.arange(R), qu, qw), unroll=unroll)
     out = jnp.einsum("rbhgiv->brihgv", out).reshape(B, T, h, G, v.shape[-1])
     return out.astype(v.dtype)
