@@ -236,7 +236,10 @@ def test_dvc_repro_runs_and_records_smoke(smoke_run, tmp_path):
     root = tmp_path / "repo"
     shutil.copytree(smoke_run.root, root, symlinks=True)
     settings = yaml.safe_load((root / "config" / "config.yaml").read_text())
-    settings.update(preset="smoke", enwik8_source=str(SAMPLE), datasets=["enwik8"])
+    settings.update(
+        preset="smoke", enwik8_source=str(SAMPLE), datasets=["enwik8"],
+        throughput_preset="tiny", throughput_sequence_lens=[128], throughput_budget_s=60,
+    )
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     for command in (
         # The repository comes with .dvc/ and a .gitignore for the pipeline's folders.
@@ -251,17 +254,22 @@ def test_dvc_repro_runs_and_records_smoke(smoke_run, tmp_path):
 
     first = dvc(root, "repro")
     assert first.returncode == 0, first.stdout
-    for stage in ("prepare@enwik8", "train@enwik8", "evaluate@enwik8"):
+    stages = ("prepare@enwik8", "train@enwik8", "evaluate@enwik8", "throughput", "report")
+    for stage in stages:
         assert f"Running stage '{stage}'" in first.stdout, first.stdout
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert {"prepare@enwik8", "train@enwik8", "evaluate@enwik8"} <= set(lock["stages"])
+    assert set(stages) <= set(lock["stages"])
+    assert (root / "results/notebooks/results.html").stat().st_size > 0
     # persist: true kept the checkpoints, so training resumed instead of starting over.
     assert "resumed from step" in (root / "logs" / "train" / "enwik8_smoke.log").read_text()
 
+    # The report stage always runs, because DVC cannot list each dataset's results as
+    # its dependencies; Snakemake then finds every notebook up to date.
     second = dvc(root, "repro")
     assert second.returncode == 0, second.stdout
-    assert "Data and pipelines are up to date." in second.stdout
-    assert "Running stage" not in second.stdout
+    ran = re.findall(r"Running stage '([^']+)'", second.stdout)
+    assert ran == ["report"], second.stdout
+    assert "Nothing to be done" in second.stdout
 
     test_bpb = json.loads((root / SMOKE_TARGET).read_text())["value"]
     metrics_json = dvc(root, "metrics", "show", "--json")
@@ -276,6 +284,7 @@ def test_dvc_repro_runs_and_records_smoke(smoke_run, tmp_path):
     plots = dvc(root, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stdout
     assert "train_curve.csv" in plots.stdout
+    assert "speedup.png" in plots.stdout
 
 
 @pytest.fixture(scope="module")

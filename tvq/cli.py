@@ -290,6 +290,169 @@ def _run_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _add_bench_throughput(subparsers) -> None:
+    from tvq.bench.throughput_presets import PRESETS
+
+    parser = subparsers.add_parser(
+        "throughput",
+        help="time whole training steps, vq against full attention, and report MFU",
+        description=(
+            "Time one training step (forward, backward, AdamW and codebook update) of "
+            "the preset's model for every head type, attention type and sequence length. "
+            "Prints and writes one row per configuration: step time median and spread "
+            "over --repeats steps after a warm-up step, tokens/s, analytic training FLOPs "
+            "per token, model-FLOPs utilisation and peak memory. A configuration that "
+            "does not fit in memory is recorded as 'out of memory' and one whose first "
+            "timed step outruns --budget-s as 'over budget', instead of stopping the run. "
+            "Presets: tiny (a quick check), cpu (the paper's widths with one layer, T "
+            "2048 to 32768, float32, one sequence per step), paper (the paper's 24-layer "
+            "768-wide model, T 2048 to 131072, bfloat16, 131072 tokens per step)."
+        ),
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu",
+        help="model widths, depth, dtype and default sequence lengths (default: cpu)",
+    )
+    parser.add_argument(
+        "--sequence-lens", type=_positive_int, nargs="+",
+        help="sequence lengths T in tokens, multiples of the block length (default: the preset's)",
+    )
+    parser.add_argument(
+        "--head-types", nargs="+", choices=HEAD_TYPES, default=list(HEAD_TYPES),
+        help="head types (default: all)",
+    )
+    parser.add_argument(
+        "--attn-types", nargs="+", choices=("vq", "full"), default=["vq", "full"],
+        help="attention types (default: vq full)",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="activation dtype (default: the preset's)"
+    )
+    parser.add_argument(
+        "--n-layer", type=_positive_int, help="number of layers (default: the preset's)"
+    )
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=3,
+        help="timed steps per configuration after one warm-up step (default: 3)",
+    )
+    parser.add_argument(
+        "--budget-s", type=_positive_float, default=300.0,
+        help=(
+            "seconds of stepping per configuration, warm-up included; timing stops after "
+            "the step that passes it (default: 300)"
+        ),
+    )
+    parser.add_argument(
+        "--max-memory-gib", type=_positive_float,
+        help=(
+            "record configurations whose compiled program needs more than this many GiB "
+            "as 'out of memory' without running them (default: 80%% of host memory)"
+        ),
+    )
+    parser.add_argument(
+        "--peak-tflops", type=_positive_float,
+        help=(
+            "the accelerator's peak TFLOP/s in the preset's dtype, the reference of MFU; "
+            "without it MFU is relative to the best square matmul timed in the same run"
+        ),
+    )
+    parser.add_argument(
+        "--matmul-size", type=_positive_int, default=4096,
+        help="largest side of the square matmuls that set the MFU reference (default: 4096)",
+    )
+    parser.add_argument("--out", type=Path, help="write the rows to this CSV file")
+    parser.add_argument(
+        "--speedup-out", type=Path,
+        help="write vq's speed-up over full per head type and length to this CSV file",
+    )
+    parser.set_defaults(handler=_run_bench_throughput)
+
+
+def _run_bench_throughput(args: argparse.Namespace) -> int:
+    from tvq.bench import throughput
+    from tvq.files import check_writable
+
+    preset = throughput.PRESETS[args.preset]
+    throughput.check_lengths(preset, args.sequence_lens or list(preset.sequence_lens))
+    for path in (args.out, args.speedup_out):
+        if path is not None:
+            check_writable(path)
+    throughput.run(
+        args.preset,
+        sequence_lens=args.sequence_lens,
+        head_types=args.head_types,
+        attn_types=args.attn_types,
+        dtype=args.dtype,
+        n_layer=args.n_layer,
+        repeats=args.repeats,
+        budget_s=args.budget_s,
+        max_memory_gib=args.max_memory_gib,
+        peak_tflops=args.peak_tflops,
+        matmul_size=args.matmul_size,
+        out=args.out,
+        speedup_out=args.speedup_out,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
+def _add_bench_flops(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "flops",
+        help="compare the analytic FLOPs per token with XLA's cost analysis",
+        description=(
+            "Compile the forward pass and a training step (loss and gradients) of a "
+            "one-layer model for each attention and head type and print FLOPs per token "
+            "from tvq.model.flops beside XLA's count. XLA also counts elementwise work "
+            "and dense attention's recomputed scores, so ratios slightly above 1 are "
+            "expected; nan means the backend gives no cost analysis."
+        ),
+    )
+    parser.add_argument("--d-model", type=_positive_int, default=256, help="model width D")
+    parser.add_argument("--d-k", type=_positive_int, default=64, help="key width K")
+    parser.add_argument("--n-code", type=_positive_int, default=64, help="codebook size S")
+    parser.add_argument("--block-len", type=_positive_int, default=64, help="block length L")
+    parser.add_argument(
+        "--sequence-len", type=_positive_int, default=256, help="sequence length T (default: 256)"
+    )
+    parser.add_argument(
+        "--head-types", nargs="+", choices=HEAD_TYPES, default=list(HEAD_TYPES),
+        help="head types (default: all)",
+    )
+    parser.add_argument(
+        "--attn-types", nargs="+", choices=("vq", "full"), default=["vq", "full"],
+        help="attention types (default: vq full)",
+    )
+    parser.set_defaults(handler=_run_bench_flops)
+
+
+def _run_bench_flops(args: argparse.Namespace) -> int:
+    from tvq.bench import flops
+    from tvq.model.config import TransformerConfig
+
+    checks = []
+    for attn in args.attn_types:
+        for head in args.head_types:
+            config = TransformerConfig(
+                d_model=args.d_model, d_k=args.d_k, n_code=args.n_code, n_layer=1,
+                block_len=args.block_len, sequence_len=args.sequence_len,
+                attn_type=attn, head_type=head, dtype="float32",
+            )
+            checks.append(flops.check(config))
+    print(flops.format_checks(checks))
+    return 0
+
+
 class UsageError(Exception):
     """A combination of options that cannot work."""
 
@@ -428,6 +591,78 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="run a result notebook with papermill and write it as .ipynb and HTML",
+        description=(
+            "Run a notebook of workflow/notebooks with papermill, in a kernel of this "
+            "Python, and write the executed notebook and its HTML rendering. Figures go "
+            "where the notebook's figures_dir parameter says. If a cell fails, nothing is "
+            "written, and the one-line error names the notebook, the cell and the "
+            "notebook's own message, such as the result file that is malformed."
+        ),
+    )
+    parser.add_argument(
+        "notebook", type=Path,
+        help="notebook with a cell tagged 'parameters', such as workflow/notebooks/results.ipynb",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="path of the executed notebook (.ipynb)"
+    )
+    parser.add_argument(
+        "--html", type=Path, help="path of the HTML rendering (default: --out with .html)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="parameters",
+        help=(
+            "set one notebook parameter; the value is read as YAML, so lists and mappings "
+            "work, e.g. --set 'result_files=[results/enwik8/test_bpb.json]'; paths are "
+            "relative to the current folder; repeat for several parameters"
+        ),
+    )
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".ipynb":
+        raise UsageError(f"--out {args.out} must end in .ipynb")
+
+    import yaml
+
+    from tvq.report import ReportError
+    from tvq.report.render import notebook_parameters, render_notebook
+
+    html = args.html or args.out.with_suffix(".html")
+    # papermill logs every start and cell at INFO and a failure at ERROR; the outcome or
+    # the one-line error is printed below instead.
+    logging.getLogger("papermill").setLevel(logging.CRITICAL)
+    try:
+        declared = notebook_parameters(args.notebook)
+        parameters = {}
+        for item in args.parameters:
+            key, separator, text = item.partition("=")
+            if not separator or not key:
+                raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+            if key not in declared:
+                raise UsageError(
+                    f"{args.notebook} has no parameter {key!r}; its parameters are "
+                    f"{', '.join(declared) or 'none'}"
+                )
+            try:
+                parameters[key] = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                reason = str(error).splitlines()[0]
+                raise UsageError(f"--set {key}: the value is not valid YAML ({reason})") from None
+        figures = render_notebook(args.notebook, args.out, html, parameters)
+    except ReportError as error:
+        print(f"tvq report: error: {error}", file=sys.stderr)
+        return 1
+    written = [str(args.out), str(html), *(str(path) for path in figures)]
+    print(f"wrote {', '.join(written)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvq",
@@ -439,11 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_subparsers = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_bench_attention(bench_subparsers)
+    _add_bench_throughput(bench_subparsers)
+    _add_bench_flops(bench_subparsers)
     _add_bench_data(bench_subparsers)
     _add_prepare(subparsers)
     _add_vocab(subparsers)
     _add_train(subparsers)
     _add_evaluate(subparsers)
+    _add_report(subparsers)
     return parser
 
 
@@ -464,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     from tvq.train.errors import CheckpointError, TrainingError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     # JAX logs at INFO which backends it could not find (TPU, GPU) on every start.
     logging.getLogger("jax").setLevel(logging.WARNING)
     # Orbax reports every save and restore step at INFO through absl.

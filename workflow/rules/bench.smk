@@ -5,7 +5,7 @@ def throughput_lens_option():
     lens = config["throughput_sequence_lens"]
     if lens is None:
         return ""
-    return "--sequence-lens " + " ".join(str(T) for T in lens)
+    return "--sequence-lens " + " ".join(str(int(T)) for T in lens)
 
 
 rule throughput:
