@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
+from tvq.bench.matmul import matmul_ceiling
 from tvq.model.config import TransformerConfig
 from tvq.model.flops import train_flops_per_token
 from tvq.model.losses import cross_entropy
@@ -41,20 +41,6 @@ class Row:
     train_gflop_per_token: float = float("nan")
     gflop_per_s: float = float("nan")
     fraction_of_matmul: float = float("nan")
-
-
-def time_matmul(size: int, repeats: int) -> float:
-    """Time a float32 [size, size] x [size, size] matmul and return its median GFLOP/s."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        seconds.append(time.perf_counter() - start)
-    return 2.0 * size**3 / statistics.median(seconds) / 1e9
 
 
 def make_train_step(model: Transformer):
@@ -181,13 +167,8 @@ def run(
 ) -> list[Row]:
     """Run every combination, printing each row as it finishes; write CSV or JSON to out."""
     print(f"devices: {jax.devices()}", flush=True)
-    # The fastest size differs between machines (cache sizes, threading), so the
-    # ceiling is the best of a few.
-    matmul_gflops = 0.0
-    for size in sorted({matmul_size // 4, matmul_size // 2, matmul_size}):
-        gflops = time_matmul(size, repeats=5)
-        print(f"float32 {size}^3 matmul: {gflops:.1f} GFLOP/s", flush=True)
-        matmul_gflops = max(matmul_gflops, gflops)
+    matmul_gflops = matmul_ceiling("float32", matmul_size)
+    print(f"float32 matmul ceiling: {matmul_gflops:.1f} GFLOP/s", flush=True)
 
     rows = []
     for dtype in dtypes:
