@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
+import subprocess
 
 import pytest
 
-from tests.runs import run_tvq
+from tests.runs import run_tvq, tvq_command
 from tvq.bench import flops
 from tvq.bench.throughput import COLUMNS, SPEEDUP_COLUMNS, read_rows
 from tvq.model.config import HEAD_TYPES, TransformerConfig
@@ -161,3 +163,31 @@ def test_pipeline_throughput_rule(tmp_path):
     assert len(speedups) == len(HEAD_TYPES)
     assert (root / "logs/bench/throughput.log").stat().st_size > 0
     assert (root / "benchmarks/bench/throughput.tsv").exists()
+
+
+def test_throughput_rejects_same_output_paths(tmp_path):
+    out = tmp_path / "same.csv"
+    result = run_tvq("bench", "throughput", *TINY, "--out", out, "--speedup-out", out)
+    assert result.returncode == 2
+    assert "name the same file" in result.stderr
+    assert not out.exists()
+
+
+def test_throughput_sigterm_keeps_old_table(tmp_path):
+    out = tmp_path / "throughput.csv"
+    out.write_text("an earlier table\n")
+    process = subprocess.Popen(
+        tvq_command("bench", "throughput", *TINY, "--repeats", "1", "--out", out),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Stop it once the first row is printed, in the middle of the run.
+    for line in process.stdout:
+        if line.startswith("float32"):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 143, stderr
+    assert "terminated" in stderr
+    assert out.read_text() == "an earlier table\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["throughput.csv"]

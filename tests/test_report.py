@@ -746,3 +746,45 @@ def test_report_target_renders_from_result_files(tmp_path):
     for name in ("results", "throughput", "training"):
         assert (root / "logs" / "report" / f"{name}.log").is_file()
         assert (root / "benchmarks" / "report" / f"{name}.tsv").is_file()
+
+
+def test_report_rejects_same_out_and_html(tmp_path):
+    command = tvq_command(
+        "report", NOTEBOOKS / "throughput.ipynb", "--out", "same.ipynb", "--html", "same.ipynb",
+    )
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert "name the same file" in completed.stderr
+    assert not (tmp_path / "same.ipynb").exists()
+
+
+def test_throughput_notebook_renders_untimed_rows(tmp_path):
+    # Every configuration out of memory: nothing to put on a log axis, still a figure.
+    from tvq.bench.throughput import COLUMNS, SPEEDUP_COLUMNS
+
+    untimed = {column: "nan" for column in COLUMNS}
+    rows = [
+        {**untimed, "preset": "cpu", "backend": "cpu", "device": "cpu", "dtype": "float32",
+         "n_layer": "1", "d_model": "768", "batch_size": "1", "sequence_len": "131072",
+         "head_type": "shga", "attn_type": attn, "status": "out of memory", "repeats": "0",
+         "memory_source": "compiled", "mfu_reference": "matmul"}
+        for attn in ("vq", "full")
+    ]
+    speedup = [{
+        **{column: "nan" for column in SPEEDUP_COLUMNS}, "preset": "cpu", "dtype": "float32",
+        "head_type": "shga", "sequence_len": "131072", "full_status": "out of memory",
+    }]
+    for name, columns, records in (
+        ("throughput.csv", COLUMNS, rows), ("speedup.csv", SPEEDUP_COLUMNS, speedup)
+    ):
+        with (tmp_path / name).open("w", newline="") as file:
+            writer = csv.DictWriter(file, columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+
+    completed = run_report(
+        tmp_path, "throughput", "throughput_csv=throughput.csv", "speedup_csv=speedup.csv",
+        "figures_dir=figures",
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert_rendered(tmp_path, "throughput", ["throughput.png", "speedup.png"])

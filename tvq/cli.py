@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -321,11 +322,17 @@ def _add_bench_throughput(subparsers) -> None:
     )
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="cpu",
-        help="model widths, depth, dtype and default sequence lengths (default: cpu)",
+        help=(
+            "model widths, depth, dtype and default sequence lengths (default: cpu, about "
+            "30 minutes on 2 CPU cores; tiny takes seconds)"
+        ),
     )
     parser.add_argument(
         "--sequence-lens", type=_positive_int, nargs="+",
-        help="sequence lengths T in tokens, multiples of the block length (default: the preset's)",
+        help=(
+            "sequence lengths T in tokens: multiples of the preset's block length (32 for "
+            "tiny, 512 otherwise) with at least 3 blocks (default: the preset's)"
+        ),
     )
     parser.add_argument(
         "--head-types", nargs="+", choices=HEAD_TYPES, default=list(HEAD_TYPES),
@@ -384,6 +391,9 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
 
     preset = throughput.PRESETS[args.preset]
     throughput.check_lengths(preset, args.sequence_lens or list(preset.sequence_lens))
+    if args.out is not None and args.speedup_out is not None:
+        if Path(os.path.realpath(args.out)) == Path(os.path.realpath(args.speedup_out)):
+            raise UsageError("--out and --speedup-out name the same file; give two paths")
     for path in (args.out, args.speedup_out):
         if path is not None:
             check_writable(path)
@@ -418,12 +428,19 @@ def _add_bench_flops(subparsers) -> None:
             "expected; nan means the backend gives no cost analysis."
         ),
     )
-    parser.add_argument("--d-model", type=_positive_int, default=256, help="model width D")
-    parser.add_argument("--d-k", type=_positive_int, default=64, help="key width K")
-    parser.add_argument("--n-code", type=_positive_int, default=64, help="codebook size S")
-    parser.add_argument("--block-len", type=_positive_int, default=64, help="block length L")
     parser.add_argument(
-        "--sequence-len", type=_positive_int, default=256, help="sequence length T (default: 256)"
+        "--d-model", type=_positive_int, default=256, help="model width D (default: 256)"
+    )
+    parser.add_argument("--d-k", type=_positive_int, default=64, help="key width K (default: 64)")
+    parser.add_argument(
+        "--n-code", type=_positive_int, default=64, help="codebook size S (default: 64)"
+    )
+    parser.add_argument(
+        "--block-len", type=_positive_int, default=64, help="block length L (default: 64)"
+    )
+    parser.add_argument(
+        "--sequence-len", type=_positive_int, default=256,
+        help="sequence length T, a multiple of L with at least 3 blocks (default: 256)",
     )
     parser.add_argument(
         "--head-types", nargs="+", choices=HEAD_TYPES, default=list(HEAD_TYPES),
@@ -630,10 +647,17 @@ def _run_report(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from tvq.files import check_writable
     from tvq.report import ReportError
     from tvq.report.render import notebook_parameters, render_notebook
 
     html = args.html or args.out.with_suffix(".html")
+    if Path(os.path.realpath(args.out)) == Path(os.path.realpath(html)):
+        raise UsageError(f"--out and --html name the same file {args.out}; give two paths")
+    # Checked before the notebook runs, so that no output is moved into place and then
+    # followed by a failure to write the next one.
+    check_writable(args.out)
+    check_writable(html)
     # papermill logs every start and cell at INFO and a failure at ERROR; the outcome or
     # the one-line error is printed below instead.
     logging.getLogger("papermill").setLevel(logging.CRITICAL)
@@ -685,10 +709,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    # SystemExit unwinds like an exception, so staging folders and partial files are
-    # cleaned up by the same code that handles errors.
+def _stop_on_signal(signum, frame) -> None:
+    from tvq.files import STOP_SIGNALS
+
+    STOP_SIGNALS.append(signum)
+    # SystemExit and KeyboardInterrupt unwind like exceptions, so staging folders and
+    # partial files are cleaned up by the same code that handles errors.
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _exit_at_once(code: int) -> None:
+    """Exit without running the interpreter's shutdown, which can crash while XLA's
+    threads are still compiling or running; outputs are already cleaned up or kept."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -697,10 +734,6 @@ def main(argv: list[str] | None = None) -> int:
     Exit status: 0 on success, 1 for bad input data or config, 2 for bad options, 130 on
     Ctrl-C and 143 on SIGTERM. Known errors print one line, without a traceback.
     """
-    from tvq.data.errors import DataError
-    from tvq.model.config import ConfigError
-    from tvq.train.errors import CheckpointError, TrainingError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
@@ -711,10 +744,44 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     # train and evaluate handle signals between steps themselves; until they start, the
     # default action ends the process before anything is written.
-    if not getattr(args, "handles_signals", False):
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    handles_signals = getattr(args, "handles_signals", False)
+    if not handles_signals:
+        signal.signal(signal.SIGTERM, _stop_on_signal)
+        signal.signal(signal.SIGINT, _stop_on_signal)
 
-    prefix = f"tvq {args.command}: error:"
+    name = " ".join(filter(None, [args.command, getattr(args, "benchmark", None)]))
+    try:
+        code = _run_handler(args, name)
+    except SystemExit as exit_request:
+        if handles_signals or not _stop_signals():
+            raise
+        code = exit_request.code if isinstance(exit_request.code, int) else 1
+    if handles_signals:
+        return code
+    # A signal whose exception was lost still ends the command with its status.
+    stop_signals = _stop_signals()
+    if stop_signals and code == 0:
+        code = 128 + stop_signals[0]
+    if stop_signals:
+        if stop_signals[0] == signal.SIGTERM:
+            print(f"tvq {name}: terminated", file=sys.stderr)
+        _exit_at_once(code)
+    return code
+
+
+def _stop_signals() -> list[int]:
+    from tvq.files import STOP_SIGNALS
+
+    return STOP_SIGNALS
+
+
+def _run_handler(args: argparse.Namespace, name: str) -> int:
+    """Run the subcommand's handler; print known errors in one line and return a status."""
+    from tvq.data.errors import DataError
+    from tvq.model.config import ConfigError
+    from tvq.train.errors import CheckpointError, TrainingError
+
+    prefix = f"tvq {name}: error:"
     try:
         return args.handler(args)
     except UsageError as error:
@@ -728,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix} {error.strerror or error}{target}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"tvq {args.command}: interrupted", file=sys.stderr)
+        print(f"tvq {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         # XLA reports an allocation that does not fit as a runtime error.

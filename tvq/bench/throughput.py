@@ -115,6 +115,15 @@ def _random_batch(trainer: Trainer, B: int, T: int) -> dict[str, jax.Array]:
     return jax.device_put(batch, trainer.data_sharding)
 
 
+def _batch_shapes(trainer: Trainer, B: int, T: int) -> dict[str, jax.ShapeDtypeStruct]:
+    sharding = trainer.data_sharding
+    return {
+        "inputs": jax.ShapeDtypeStruct((B, T), np.int32, sharding=sharding),
+        "targets": jax.ShapeDtypeStruct((B, T), np.int32, sharding=sharding),
+        "loss_mask": jax.ShapeDtypeStruct((B, T), np.bool_, sharding=sharding),
+    }
+
+
 def _compiled_bytes(compiled) -> float:
     """XLA's estimate of the bytes a compiled program holds at once, or nan."""
     try:
@@ -155,10 +164,11 @@ def bench_one(
     try:
         trainer = Trainer(config, make_mesh(config.train.mesh_model))
         state = trainer.init_state()
-        batch = _random_batch(trainer, B, T)
 
+        # Compiled for the batch's shapes only, so that a batch too large to fit is
+        # never allocated.
         start = time.perf_counter()
-        compiled = trainer._train_step.lower(state, batch).compile()
+        compiled = trainer._train_step.lower(state, _batch_shapes(trainer, B, T)).compile()
         row.compile_s = time.perf_counter() - start
 
         # The CPU backend has no allocator limit of its own: past the host's memory the
@@ -169,6 +179,7 @@ def bench_one(
             row.status = "out of memory"
             return row
 
+        batch = _random_batch(trainer, B, T)
         seconds = []
         deadline = time.perf_counter() + budget_s
         # The first step is a warm-up and is not counted, unless it is the only one.

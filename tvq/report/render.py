@@ -22,7 +22,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import Dict, Unicode, default
 from traitlets.config import Config
 
-from tvq.files import write_text_atomic
+from tvq.files import raise_if_stopped, write_text_atomic
 from tvq.report.errors import ReportError
 from tvq.report.figures import STAGED_FIGURES, STAGING_ENV
 
@@ -195,6 +195,7 @@ def _to_html(executed, notebook: Path) -> str:
 def _move_figures(staging: Path) -> list[Path]:
     """Move the staged figures to the paths that save_figure recorded; return them as the
     notebook gave them."""
+    raise_if_stopped()
     manifest = staging / STAGED_FIGURES
     if not manifest.exists():
         return []
