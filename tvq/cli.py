@@ -654,10 +654,6 @@ def _run_report(args: argparse.Namespace) -> int:
     html = args.html or args.out.with_suffix(".html")
     if Path(os.path.realpath(args.out)) == Path(os.path.realpath(html)):
         raise UsageError(f"--out and --html name the same file {args.out}; give two paths")
-    # Checked before the notebook runs, so that no output is moved into place and then
-    # followed by a failure to write the next one.
-    check_writable(args.out)
-    check_writable(html)
     # papermill logs every start and cell at INFO and a failure at ERROR; the outcome or
     # the one-line error is printed below instead.
     logging.getLogger("papermill").setLevel(logging.CRITICAL)
@@ -678,6 +674,10 @@ def _run_report(args: argparse.Namespace) -> int:
             except yaml.YAMLError as error:
                 reason = str(error).splitlines()[0]
                 raise UsageError(f"--set {key}: the value is not valid YAML ({reason})") from None
+        # Checked before the notebook runs, so that no output is moved into place and
+        # then followed by a failure to write the next one.
+        check_writable(args.out)
+        check_writable(html)
         figures = render_notebook(args.notebook, args.out, html, parameters)
     except ReportError as error:
         print(f"tvq report: error: {error}", file=sys.stderr)
