@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
 
-from tvq.bench.matmul import matmul_ceiling
+from tvq.bench.timing import failure_status, matmul_ceiling, record_step_times, time_steps
 from tvq.model.config import TransformerConfig
 from tvq.model.flops import train_flops_per_token
 from tvq.model.losses import cross_entropy
@@ -78,31 +77,14 @@ def bench_config(config: TransformerConfig, repeats: int, budget_s: float) -> Ro
         compiled = step.lower(params, codebook, tokens).compile()
         row.compile_s = time.perf_counter() - start
 
-        seconds = []
-        deadline = time.perf_counter() + budget_s
-        # The first call is a warm-up and is not counted.
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(params, codebook, tokens))
-            seconds.append(time.perf_counter() - start)
-            if time.perf_counter() > deadline:
-                break
+        seconds = time_steps(
+            lambda: jax.block_until_ready(compiled(params, codebook, tokens)), repeats, budget_s
+        )
     except Exception as error:  # noqa: BLE001 - any backend failure becomes a row
-        text = str(error)
-        if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
-            row.status = "out of memory"
-        else:
-            row.status = f"failed: {text.splitlines()[0][:200]}"
+        row.status = failure_status(error)
         return row
 
-    # When the budget ran out during the warm-up step, that step is the only sample.
-    counted = seconds[1:] or seconds
-    if not seconds[1:]:
-        row.status = "over budget"
-    row.repeats = len(counted)
-    row.step_s_median = statistics.median(counted)
-    row.step_s_min = min(counted)
-    row.step_s_max = max(counted)
+    record_step_times(row, seconds)
     row.tokens_per_s = config.sequence_len / row.step_s_median
     row.gflop_per_s = row.train_gflop_per_token * row.tokens_per_s
     return row

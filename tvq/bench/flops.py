@@ -66,7 +66,8 @@ def _cost_flops(compiled) -> float:
 
 def check(config: TransformerConfig, batch_size: int = 2) -> FlopCheck:
     """Compile the forward pass and a training step of config's checkable variant and
-    return both counts per token; nan where the backend gives no cost analysis."""
+    return both FLOP counts per token. A count is nan when the backend gives no cost
+    analysis."""
     c = checkable_config(config)
     model = Transformer(c)
     tokens = jnp.zeros((batch_size, c.sequence_len + 1), jnp.int32)

@@ -2,12 +2,12 @@
 
 For every head type, attention type and sequence length, one training step (forward,
 backward, AdamW update and codebook update, the step `tvq train` runs) is compiled and
-timed. Each configuration becomes one row, whatever happens to it: a configuration
-that would not fit in memory is recorded as "out of memory", one whose first timed step
-outruns the time budget as "over budget" with that step's time, and a backend error as
-"failed: <message>". Model-FLOPs utilisation (MFU) divides the analytic training FLOPs
-of `tvq.model.flops` by the accelerator's peak when one is given, otherwise by the best
-square matmul of the same dtype timed in the same process.
+timed. Each configuration becomes one row, whatever happens to it. A configuration that
+would not fit in memory is recorded as "out of memory". One whose first timed step
+outruns the time budget is recorded as "over budget" with that step's time, and a
+backend error as "failed: <message>". Model-FLOPs utilisation (MFU) divides the
+analytic training FLOPs of `tvq.model.flops` by the accelerator's peak when one is
+given, otherwise by the best square matmul of the same dtype timed in the same process.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,8 +23,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tvq.bench.matmul import matmul_ceiling
 from tvq.bench.throughput_presets import PRESETS, ThroughputPreset
+from tvq.bench.timing import failure_status, matmul_ceiling, record_step_times, time_steps
 from tvq.files import write_text_atomic
 from tvq.model.config import ATTN_TYPES, HEAD_TYPES, ConfigError, TransformerConfig
 from tvq.model.flops import train_flops_per_token
@@ -125,7 +124,7 @@ def _batch_shapes(trainer: Trainer, B: int, T: int) -> dict[str, jax.ShapeDtypeS
 
 
 def _compiled_bytes(compiled) -> float:
-    """XLA's estimate of the bytes a compiled program holds at once, or nan."""
+    """Return XLA's estimate of the peak bytes a compiled program uses, or nan."""
     try:
         stats = compiled.memory_analysis()
     except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
@@ -143,11 +142,6 @@ def _device_peak_bytes() -> float:
     if not stats or "peak_bytes_in_use" not in stats:
         return math.nan
     return float(stats["peak_bytes_in_use"])
-
-
-def _is_out_of_memory(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def bench_one(
@@ -180,36 +174,23 @@ def bench_one(
             return row
 
         batch = _random_batch(trainer, B, T)
-        seconds = []
-        deadline = time.perf_counter() + budget_s
-        # The first step is a warm-up and is not counted, unless it is the only one.
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
+
+        def run_step() -> None:
+            nonlocal state
             state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics["loss"])
-            seconds.append(time.perf_counter() - start)
-            if time.perf_counter() > deadline:
-                break
+
+        seconds = time_steps(run_step, repeats, budget_s)
         peak = _device_peak_bytes()
         if not math.isnan(peak):
             row.peak_memory_gib, row.memory_source = peak / GIB, "device"
     except Exception as error:  # noqa: BLE001 - any backend failure becomes a row
-        if _is_out_of_memory(error):
-            row.status = "out of memory"
-        else:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            row.status = f"failed: {first_line[:200]}"
+        row.status = failure_status(error)
         return row
     finally:
         jax.clear_caches()
 
-    counted = seconds[1:] or seconds
-    if not seconds[1:]:
-        row.status = "over budget"
-    row.repeats = len(counted)
-    row.step_s_median = statistics.median(counted)
-    row.step_s_min = min(counted)
-    row.step_s_max = max(counted)
+    record_step_times(row, seconds)
     row.tokens_per_s = B * T / row.step_s_median
     row.gflop_per_s = row.train_gflop_per_token * row.tokens_per_s
     return row
@@ -230,7 +211,7 @@ def speedup_rows(rows: list[Row]) -> list[dict]:
     """Return vq's speed-up over full per dtype, head type and length, for speedup.csv.
 
     A full row that ran past the budget still carries one timed step, a fair sample of
-    the compiled program, so its speed-up is given; rows with no timing give nan.
+    the compiled program, so its speed-up is given. Rows with no timing give nan.
     """
     by_key = {(r.dtype, r.sequence_len, r.head_type, r.attn_type): r for r in rows}
     shortest: dict[tuple[str, str], Row] = {}
