@@ -230,6 +230,24 @@ def test_smoke_second_invocation_does_nothing(smoke_run):
 
 
 @pytest.mark.slow
+def test_sample_rule_writes_text(smoke_run):
+    target = "results/enwik8/samples.txt"
+    sampled = snakemake(
+        smoke_run.root, "--cores", "1", target, *smoke_config(), "sample_num_tokens=60",
+        "sample_num_samples=2",
+    )
+    assert sampled.returncode == 0, sampled.stdout
+    # Only the sampling job ran: it reuses the trained checkpoint.
+    jobs = re.findall(r"^(?:local)?rule (\w+):", sampled.stdout, flags=re.MULTILINE)
+    assert jobs == ["sample_text"]
+    text = (smoke_run.root / target).read_text()
+    assert text.startswith("=== sample 1 of 2 ===\n")
+    assert "=== sample 2 of 2 ===" in text
+    log = (smoke_run.root / "logs" / "sample" / "enwik8.log").read_text()
+    assert "generated 2 x 60 tokens" in log
+
+
+@pytest.mark.slow
 def test_dvc_repro_runs_and_records_smoke(smoke_run, tmp_path):
     # A DVC user's clone of the smoke run: the checkpoints are reused, so training only
     # resumes at its last step, but every stage runs through Snakemake.
@@ -308,6 +326,18 @@ def test_dataset_target_rules_resolve(dry_repo):
     assert planned.returncode == 0, planned.stdout
     for path in ALL_RESULTS:
         assert f"output: {path}" in planned.stdout
+
+
+def test_sample_targets_resolve(dry_repo):
+    planned = snakemake(dry_repo, "-n", "samples", "results/pg19/samples.txt")
+    assert planned.returncode == 0, planned.stdout
+    for path in ("results/enwik8/samples.txt", "results/pg19/samples.txt",
+                 "results/imagenet64/samples.txt", "results/imagenet64/samples.png"):
+        assert path in planned.stdout
+    assert "rule sample_images:" in planned.stdout
+    # Text datasets have no image output.
+    wrong = snakemake(dry_repo, "-n", "results/enwik8/samples.png")
+    assert wrong.returncode != 0
 
 
 def test_tpu_profile_resolves_by_name(dry_repo):

@@ -416,6 +416,118 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_sampling(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sampling",
+        help="time per-token decoding against context length, vq against full attention",
+        description=(
+            "For every head type, attention type and context length, build a decoding "
+            "state that has consumed that many tokens (random contents, which do not "
+            "change the cost of a step), then time Decoder.generate of --steps tokens "
+            "from it: one warm-up call, then --repeats timed calls. Prints and writes one "
+            "row per configuration: milliseconds per token (median and spread), tokens/s, "
+            "compile seconds, the decoding state's bytes, peak memory, and the latency "
+            "relative to the shortest context. A configuration that does not fit in "
+            "memory is recorded as 'out of memory' and one whose warm-up call outruns "
+            "--budget-s as 'over budget', instead of stopping the run. The model has "
+            "random parameters and the widths of the cpu training preset unless changed."
+        ),
+    )
+    parser.add_argument(
+        "--attn-types", nargs="+", choices=("vq", "full"), default=["vq", "full"],
+        help="attention types (default: vq full)",
+    )
+    parser.add_argument(
+        "--head-types", nargs="+", choices=HEAD_TYPES, default=["shga"],
+        help="head types (default: shga)",
+    )
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[1024, 8192, 65536],
+        help=(
+            "context lengths in tokens: how many tokens each state has consumed before "
+            "the timed calls (default: 1024 8192 65536)"
+        ),
+    )
+    parser.add_argument(
+        "--steps", type=_positive_int,
+        help=(
+            "tokens generated per timed call (default: 2 x --block-len, so that each call "
+            "crosses the block boundaries where the VQ window rolls into the cache)"
+        ),
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=1,
+        help="sequences decoded together (default: 1)",
+    )
+    parser.add_argument(
+        "--d-model", type=_positive_int, default=128, help="model width D (default: 128)"
+    )
+    parser.add_argument("--d-k", type=_positive_int, default=32, help="key width K (default: 32)")
+    parser.add_argument(
+        "--n-code", type=_positive_int, default=64, help="codebook size S (default: 64)"
+    )
+    parser.add_argument(
+        "--n-layer", type=_positive_int, default=4, help="number of layers (default: 4)"
+    )
+    parser.add_argument(
+        "--block-len", type=_positive_int, default=64, help="block length L in tokens (default: 64)"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="activation dtype; parameters stay float32 (default: float32)",
+    )
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=3,
+        help="timed calls per configuration after one warm-up call (default: 3)",
+    )
+    parser.add_argument(
+        "--budget-s", type=_positive_float, default=300.0,
+        help=(
+            "time budget per configuration in seconds, warm-up call included: timing stops "
+            "after the call that passes it (default: 300)"
+        ),
+    )
+    parser.add_argument(
+        "--max-memory-gib", type=_positive_float,
+        help=(
+            "record configurations whose compiled generate call needs more than this many "
+            "GiB as 'out of memory' without running them (default: 80%% of host memory)"
+        ),
+    )
+    parser.add_argument("--out", type=Path, help="write the rows to this CSV file")
+    parser.set_defaults(handler=_run_bench_sampling)
+
+
+def _run_bench_sampling(args: argparse.Namespace) -> int:
+    from tvq.bench import sampling
+    from tvq.files import check_writable
+
+    widths = {
+        "d_model": args.d_model, "d_k": args.d_k, "n_code": args.n_code,
+        "n_layer": args.n_layer, "block_len": args.block_len, "dtype": args.dtype,
+    }
+    # Checked before the output's folder is created, so that bad input writes nothing.
+    sampling.check_contexts(args.contexts)
+    for head in args.head_types:
+        sampling.model_config(head, "vq", **widths)
+    if args.out is not None:
+        check_writable(args.out)
+    sampling.run(
+        attn_types=args.attn_types,
+        head_types=args.head_types,
+        contexts=args.contexts,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        widths=widths,
+        repeats=args.repeats,
+        budget_s=args.budget_s,
+        max_memory_gib=args.max_memory_gib,
+        out=args.out,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
 def _add_bench_flops(subparsers) -> None:
     parser = subparsers.add_parser(
         "flops",
@@ -589,22 +701,119 @@ def _add_evaluate(subparsers) -> None:
     parser.set_defaults(handler=_run_evaluate, handles_signals=True)
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from tvq.evaluation.evaluate import evaluate, load_workdir_config
+def _workdir_run_config(args: argparse.Namespace):
+    """Return the config of --config and --set, or else the run's own WORKDIR/config.yaml."""
+    from tvq.evaluation.evaluate import load_workdir_config
     from tvq.train.config import load_run_config
 
     if args.config:
-        config = load_run_config(args.config, args.overrides)
-    elif args.overrides:
+        return load_run_config(args.config, args.overrides)
+    if args.overrides:
         # Only keys that do not change the model can be overridden (eval_batch_size).
-        config = load_run_config([args.workdir / "config.yaml"], args.overrides)
-    else:
-        config = load_workdir_config(args.workdir)
+        return load_run_config([args.workdir / "config.yaml"], args.overrides)
+    return load_workdir_config(args.workdir)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from tvq.evaluation.evaluate import evaluate
+
+    config = _workdir_run_config(args)
     result = evaluate(
         args.workdir, args.data_dir, args.split, args.out, config=config,
         max_tokens=args.max_tokens, progress=not args.no_progress,
     )
     print(f"{result['split']} {result['metric']}: {result['value']:.4f} (wrote {args.out})")
+    return 0
+
+
+def _add_sample(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="generate text or images from the best checkpoint",
+        description=(
+            "Generate tokens with the checkpoint of lowest validation loss in "
+            "WORKDIR/checkpoints, decoding one token at a time: VQ attention keeps a state "
+            "of fixed size, so every token costs the same, and full attention keeps a "
+            "key/value cache. Each sample starts from the end-of-sequence id, then the "
+            "prompt. --out receives the generated text of byte and SentencePiece datasets "
+            "(without the prompt; several samples each under a header line), or for "
+            "imagenet64 the prompt's and generated subpixel values, one image row per "
+            "line; --png draws imagenet64 samples as a grid of 64x64 images."
+        ),
+    )
+    _add_config_options(parser, required=False)
+    parser.add_argument(
+        "--data-dir", type=Path, required=True,
+        help="folder from `tvq prepare`, whose manifest names the vocabulary",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, required=True, help="the run's folder, as given to `tvq train`"
+    )
+    parser.add_argument(
+        "--num-tokens", type=int, required=True,
+        help="tokens to generate per sample (at most 12,288 minus the prompt for imagenet64)",
+    )
+    parser.add_argument(
+        "--prompt-file", type=Path,
+        help=(
+            "file whose contents continue the end-of-sequence id: raw bytes for byte "
+            "vocabularies (subpixel values for imagenet64), UTF-8 text for SentencePiece"
+        ),
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=1,
+        help="samples decoded together as one batch (default: 1)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0,
+        help="divide the logits by this before drawing; 0 takes the most likely token (default: 1)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0,
+        help="draw only from the K most likely tokens; 0 turns it off (default: 0)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0,
+        help=(
+            "draw only from the most likely tokens whose probabilities sum to at least P, "
+            "in (0, 1]; 1 turns it off (default: 1)"
+        ),
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random draws (default: 0)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="text file to write")
+    parser.add_argument(
+        "--png", type=Path, help="imagenet64 only: also draw the samples into this PNG file"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=_run_sample, handles_signals=True)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from tvq.sampling.sample import SamplingSettings, sample
+
+    settings = SamplingSettings(
+        num_tokens=args.num_tokens,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    problems = settings.errors()
+    if problems:
+        raise UsageError("; ".join(problems))
+    config = _workdir_run_config(args)
+    summary = sample(
+        args.workdir, args.data_dir, args.out, settings, config=config,
+        prompt_file=args.prompt_file, png=args.png, progress=not args.no_progress,
+    )
+    written = args.out if args.png is None else f"{args.out} and {args.png}"
+    print(
+        f"wrote {written}: {summary['num_samples']} x {summary['generated_tokens']:,} tokens, "
+        f"{1e3 * summary['seconds_per_token']:.2f} ms per token step"
+    )
     return 0
 
 
@@ -699,12 +908,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_subparsers = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_bench_attention(bench_subparsers)
     _add_bench_throughput(bench_subparsers)
+    _add_bench_sampling(bench_subparsers)
     _add_bench_flops(bench_subparsers)
     _add_bench_data(bench_subparsers)
     _add_prepare(subparsers)
     _add_vocab(subparsers)
     _add_train(subparsers)
     _add_evaluate(subparsers)
+    _add_sample(subparsers)
     _add_report(subparsers)
     return parser
 

@@ -21,7 +21,12 @@ def raise_if_stopped() -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same folder and a rename, so a
+    """Write text to path as UTF-8, whole or not at all (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write data to path through a temporary file in the same folder and a rename, so a
     reader never sees a half-written file and a crash leaves the old file in place.
 
     A symbolic link is followed, so the file it points to is replaced. An existing path
@@ -30,15 +35,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     """
     path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file() and not path.is_dir():
-        with path.open("w") as file:
-            file.write(text)
+        with path.open("wb") as file:
+            file.write(data)
         return
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
         # mkstemp makes the file private to its owner; give it the usual permissions.
         umask = os.umask(0)
         os.umask(umask)

@@ -9,6 +9,7 @@ word-level perplexity (with token-level beside it) for PG-19 and SentencePiece t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -75,6 +76,56 @@ def load_workdir_config(workdir: Path) -> RunConfig:
     return load_run_config([path])
 
 
+@dataclasses.dataclass
+class RestoredCheckpoint:
+    """A run's best checkpoint, read back with the run's model."""
+
+    trainer: Trainer
+    state: dict[str, Any]
+    step: int
+    meta: dict[str, Any]
+    val_loss: float | None
+    directory: Path
+
+
+def restore_best_checkpoint(workdir: Path, config: RunConfig) -> RestoredCheckpoint:
+    """Read the checkpoint of lowest validation loss in WORKDIR/checkpoints.
+
+    Raises CheckpointError when there is none, when it cannot be read, or when it was
+    written by a model config other than `config.model`.
+    """
+    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, read_only=True)
+    try:
+        step = checkpoints.best_step()
+        if step is None:
+            raise CheckpointError(
+                f"no checkpoint in {checkpoints.directory}; run `tvq train` with --workdir "
+                f"{workdir} first"
+            )
+        meta = checkpoints.read_meta(step)
+        saved = meta.get("config", {})
+        # Only the model must match: training keys do not change what is evaluated.
+        model_keys = {k: v for k, v in config.model.to_dict().items() if k in saved}
+        differences = config_differences({k: saved[k] for k in model_keys}, model_keys)
+        if differences:
+            changes = "; ".join(differences)
+            raise CheckpointError(
+                f"checkpoint {checkpoints.directory / str(step)} has a different model "
+                f"config ({changes}); use the run's own config"
+            )
+        checkpoint_val_loss = checkpoints.val_loss(step)
+
+        mesh = make_mesh(config.train.mesh_model)
+        check_batch_sizes(config, mesh.shape["data"], keys=("eval_batch_size",))
+        trainer = Trainer(config, mesh)
+        state = checkpoints.restore(step, trainer.abstract_state())
+    finally:
+        checkpoints.close()
+    return RestoredCheckpoint(
+        trainer, state, step, meta, checkpoint_val_loss, checkpoints.directory
+    )
+
+
 def evaluate(
     workdir: Path,
     data_dir: Path,
@@ -118,33 +169,9 @@ def _evaluate(
     partial = max_tokens is not None and max_tokens < len(split_tokens)
     tokens = split_tokens[:max_tokens] if partial else split_tokens
 
-    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, read_only=True)
-    try:
-        step = checkpoints.best_step()
-        if step is None:
-            raise CheckpointError(
-                f"no checkpoint in {checkpoints.directory}; run `tvq train` with --workdir "
-                f"{workdir} first"
-            )
-        meta = checkpoints.read_meta(step)
-        saved = meta.get("config", {})
-        # Only the model must match: training keys do not change what is evaluated.
-        model_keys = {k: v for k, v in config.model.to_dict().items() if k in saved}
-        differences = config_differences({k: saved[k] for k in model_keys}, model_keys)
-        if differences:
-            changes = "; ".join(differences)
-            raise CheckpointError(
-                f"checkpoint {checkpoints.directory / str(step)} has a different model "
-                f"config ({changes}); evaluate with the run's own config"
-            )
-        checkpoint_val_loss = checkpoints.val_loss(step)
-
-        mesh = make_mesh(t.mesh_model)
-        check_batch_sizes(config, mesh.shape["data"], keys=("eval_batch_size",))
-        trainer = Trainer(config, mesh)
-        state = checkpoints.restore(step, trainer.abstract_state())
-    finally:
-        checkpoints.close()
+    restored = restore_best_checkpoint(workdir, config)
+    trainer, state, step, meta = restored.trainer, restored.state, restored.step, restored.meta
+    checkpoint_val_loss = restored.val_loss
     log.info(
         "scoring %s %s tokens of %s with the checkpoint of step %d",
         f"{len(tokens):,}", split, data_dir, step,
@@ -161,7 +188,7 @@ def _evaluate(
     if not math.isfinite(nats):
         raise CheckpointError(
             f"the loss on {split} is {nats}: the checkpoint of step {step} in "
-            f"{checkpoints.directory} holds non-finite parameters"
+            f"{restored.directory} holds non-finite parameters"
         )
 
     described = manifest["splits"][split]

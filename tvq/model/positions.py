@@ -15,6 +15,18 @@ def sinusoid_table(positions: np.ndarray, width: int, wavelength_base: float) ->
     return jnp.asarray(table, dtype=jnp.float32)
 
 
+def sinusoid_row(position: jnp.ndarray, width: int, wavelength_base: float) -> jnp.ndarray:
+    """Return the [width] sinusoids of one traced position, as `sinusoid_table` lays them out.
+
+    The angles are float32 here, against float64 in the table, so the two differ by
+    about position * 6e-8 in each angle.
+    """
+    n_freq = (width + 1) // 2
+    inv_freq = wavelength_base ** (-np.arange(n_freq, dtype=np.float64) / n_freq)
+    angles = position.astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])[:width]
+
+
 def relative_window_bias(qw: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
     """Position term (q_i + w) . r(i - j) for every query of a block and its 2L-key window.
 

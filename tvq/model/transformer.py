@@ -8,7 +8,7 @@ import numpy as np
 
 from tvq.model.config import TransformerConfig
 from tvq.model.layers import rms_norm, scanned_blocks
-from tvq.model.positions import sinusoid_table
+from tvq.model.positions import sinusoid_row, sinusoid_table
 
 
 class Transformer(nn.Module):
@@ -21,15 +21,24 @@ class Transformer(nn.Module):
     Variables are {"params": ..., "codebook": ...}. To update the codebook from a
     training batch, apply with train=True and mutable=["codebook"]; the new
     "codebook" collection is returned beside the outputs.
+
+    With `decode`, inputs are one token per sequence [B, 1] and each attention layer
+    keeps a decoding state in the "cache" collection (tvq.model.decode_attention).
+    The first apply with "cache" mutable creates the empty state and returns
+    meaningless logits; each later one consumes one token and returns the logits for
+    the next. `decode_len` is the key/value cache capacity of attn_type "full".
     """
 
     config: TransformerConfig
+    decode: bool = False
+    decode_len: int = 0
 
     @nn.compact
     def __call__(self, inputs: jnp.ndarray, *, train: bool = False):
         c = self.config
         B, T = inputs.shape
-        assert T == c.sequence_len, (inputs.shape, c.sequence_len)
+        expected_len = 1 if self.decode else c.sequence_len
+        assert T == expected_len, (inputs.shape, expected_len)
 
         embed = nn.Embed(
             c.n_vocab,
@@ -43,11 +52,18 @@ class Transformer(nn.Module):
 
         if c.pe_abs:
             scale = self.param("pe_abs_scale", nn.initializers.zeros, (), c.parameter_dtype)
-            positions = sinusoid_table(np.arange(T), c.d_model, c.pe_lam)
+            if self.decode:
+                created = self.has_variable("cache", "position")
+                position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+                positions = sinusoid_row(position.value, c.d_model, c.pe_lam)[None]
+                if created:
+                    position.value = position.value + 1
+            else:
+                positions = sinusoid_table(np.arange(T), c.d_model, c.pe_lam)
             positions = nn.Dropout(c.p_dropsin)(positions, deterministic=not train)
             x = x + (scale * positions).astype(x.dtype)
 
-        x, aux = scanned_blocks(c, train)()(x, None)
+        x, aux = scanned_blocks(c, train, self.decode, self.decode_len)()(x, None)
 
         if c.e_preln:
             x = rms_norm(x)

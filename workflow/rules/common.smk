@@ -31,6 +31,7 @@ wildcard_constraints:
 
 localrules:
     all,
+    samples,
 
 
 def result_files(dataset):

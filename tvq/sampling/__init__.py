@@ -1,0 +1,1 @@
+"""Sampling from a trained model with incremental decoding (`tvq sample`)."""
