@@ -199,6 +199,10 @@ def full_decode_step(
 
     Shapes as in `vq_decode_step`. The caller keeps the position below the capacity C:
     `jax.lax.dynamic_update_slice` would silently clamp a write past the end.
+
+    NOTE: under the model's scan over layers, the compiled step copies each layer's
+    [B, h, C, K] and [B, h, C, V] cache instead of updating it in place, so this
+    baseline's per-token time grows faster with C than reading the cache requires.
     """
     B, h, G, K = q.shape
     C = state["k_cache"].shape[2]
