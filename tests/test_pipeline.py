@@ -359,6 +359,11 @@ def test_gpu_profile_resolves_by_name(dry_repo):
     # The rules' accelerators become one SLURM GPU for training and evaluation.
     resources = re.findall(r"^\s+resources: (.*)$", planned.stdout, flags=re.MULTILINE)
     assert sum("gpu=1" in line for line in resources) == 2, resources
+    accelerator_jobs = [line for line in resources if "gpu=1" in line]
+    assert all("nodes=1" in line and "tasks=1" in line for line in accelerator_jobs), resources
+    # One tvq process per SLURM task.
+    assert "srun tvq train" in planned.stdout
+    assert "srun tvq evaluate" in planned.stdout
 
 
 def test_tpu_launcher_runs_command_locally(tmp_path):
@@ -368,6 +373,25 @@ def test_tpu_launcher_runs_command_locally(tmp_path):
     launched = run(tmp_path, REPO / "tpu" / "launch.sh", "sh", "-c", "echo ran in $PWD", env=env)
     assert launched.returncode == 0, launched.stdout
     assert launched.stdout.strip() == f"ran in {tmp_path}"
+
+
+def test_tpu_launcher_fans_out_with_distributed_start(tmp_path):
+    # gcloud is not installed here: a stand-in on PATH records what the launcher passes it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "gcloud"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = pipeline_env(TVQ_TPU_NAME="pod", TVQ_TPU_ZONE="zone-a")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    launched = run(tmp_path, REPO / "tpu" / "launch.sh", "tvq", "train", "--workdir", "w", env=env)
+    assert launched.returncode == 0, launched.stdout
+    arguments = launched.stdout.splitlines()
+    assert arguments[:4] == ["compute", "tpus", "tpu-vm", "ssh"]
+    assert "--worker=all" in arguments
+    remote = arguments[arguments.index("--command") + 1]
+    assert "export TVQ_DISTRIBUTED=auto" in remote
+    assert remote.endswith("tvq train --workdir w ")
 
 
 @pytest.mark.parametrize(

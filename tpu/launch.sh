@@ -6,8 +6,9 @@
 # same folder and with the same PATH as here. Every worker therefore needs this
 # repository, its virtual environment and the prepared data at the same paths. The
 # output of all workers arrives on this command's stdout and stderr.
-# NOTE: tvq does not call jax.distributed.initialize() yet, so the workers of a pod slice
-# do not form one JAX job. Until multi-host start-up lands, use a single-host TPU VM.
+# Each worker's tvq runs with TVQ_DISTRIBUTED=auto, so the workers join one JAX job through
+# jax.distributed.initialize(), which finds the slice's other workers itself; each reads
+# only its rows of every batch, and process 0 writes the metrics and results.
 set -euo pipefail
 
 if [[ -z "${TVQ_TPU_NAME:-}" ]]; then
@@ -19,6 +20,7 @@ if [[ -z "${TVQ_TPU_ZONE:-}" ]]; then
 fi
 
 remote_command="cd $(printf '%q' "$PWD") && export PATH=$(printf '%q' "$PATH")"
+remote_command+=" && export TVQ_DISTRIBUTED=auto"
 remote_command+=" && $(printf '%q ' "$@")"
 exec gcloud compute tpus tpu-vm ssh "$TVQ_TPU_NAME" --zone "$TVQ_TPU_ZONE" --worker=all \
     --command "$remote_command"

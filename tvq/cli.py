@@ -633,6 +633,28 @@ def _add_config_options(parser, *, required: bool) -> None:
     )
 
 
+def _add_distributed_options(parser) -> None:
+    group = parser.add_argument_group(
+        "multi-process jobs",
+        "All three join this process to a JAX job of several processes, such as one per "
+        "host. Without them the job spans several processes only where the environment "
+        "says so: SLURM with more than one task, or TVQ_DISTRIBUTED=auto (set by "
+        "tpu/launch.sh on TPU pod slices).",
+    )
+    group.add_argument(
+        "--coordinator-address", metavar="HOST:PORT",
+        help="address of process 0, where the job's coordinator listens",
+    )
+    group.add_argument("--num-processes", type=int, help="number of processes in the job")
+    group.add_argument("--process-id", type=int, help="this process's number, from 0")
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    from tvq.distributed import initialize
+
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def _add_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -657,6 +679,7 @@ def _add_train(subparsers) -> None:
         help="folder for the run's checkpoints, metrics and resolved config",
     )
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+    _add_distributed_options(parser)
     parser.set_defaults(handler=_run_train, handles_signals=True)
 
 
@@ -665,6 +688,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from tvq.train.loop import train
 
     config = load_run_config(args.config, args.overrides)
+    _initialize_distributed(args)
     train(config, args.data_dir, args.workdir, progress=not args.no_progress)
     return 0
 
@@ -698,6 +722,7 @@ def _add_evaluate(subparsers) -> None:
         help="score only the first N tokens; the JSON marks the result as partial",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_distributed_options(parser)
     parser.set_defaults(handler=_run_evaluate, handles_signals=True)
 
 
@@ -718,6 +743,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from tvq.evaluation.evaluate import evaluate
 
     config = _workdir_run_config(args)
+    _initialize_distributed(args)
     result = evaluate(
         args.workdir, args.data_dir, args.split, args.out, config=config,
         max_tokens=args.max_tokens, progress=not args.no_progress,
@@ -787,6 +813,7 @@ def _add_sample(subparsers) -> None:
         "--png", type=Path, help="imagenet64 only: also draw the samples into this PNG file"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_distributed_options(parser)
     parser.set_defaults(handler=_run_sample, handles_signals=True)
 
 
@@ -805,6 +832,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     if problems:
         raise UsageError("; ".join(problems))
     config = _workdir_run_config(args)
+    _initialize_distributed(args)
     summary = sample(
         args.workdir, args.data_dir, args.out, settings, config=config,
         prompt_file=args.prompt_file, png=args.png, progress=not args.no_progress,

@@ -156,13 +156,16 @@ def bench_one(
     B, T = config.train.global_batch_size, config.model.sequence_len
     row.train_gflop_per_token = train_flops_per_token(config.model) / 1e9
     try:
-        trainer = Trainer(config, make_mesh(config.train.mesh_model))
+        trainer = Trainer(config, make_mesh(config.train.mesh_data, config.train.mesh_model))
         state = trainer.init_state()
 
         # Compiled for the batch's shapes only, so that a batch too large to fit is
         # never allocated.
+        # Under the mesh, as Trainer.train_step runs it, so activations are pinned alike.
         start = time.perf_counter()
-        compiled = trainer._train_step.lower(state, _batch_shapes(trainer, B, T)).compile()
+        with jax.set_mesh(trainer.mesh):
+            lowered = trainer._train_step.lower(state, _batch_shapes(trainer, B, T))
+        compiled = lowered.compile()
         row.compile_s = time.perf_counter() - start
 
         # The CPU backend has no allocator limit of its own: past the host's memory the

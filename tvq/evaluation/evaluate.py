@@ -24,6 +24,7 @@ import tvq
 from tvq.data.raw import file_digest
 from tvq.data.splits import token_path
 from tvq.data.vocab import decode_bytes
+from tvq.distributed import any_process, is_primary
 from tvq.evaluation.metrics import bits_per_unit, perplexity
 from tvq.files import check_writable, write_json_atomic
 from tvq.model.config import ConfigError
@@ -115,7 +116,7 @@ def restore_best_checkpoint(workdir: Path, config: RunConfig) -> RestoredCheckpo
             )
         checkpoint_val_loss = checkpoints.val_loss(step)
 
-        mesh = make_mesh(config.train.mesh_model)
+        mesh = make_mesh(config.train.mesh_data, config.train.mesh_model)
         check_batch_sizes(config, mesh.shape["data"], keys=("eval_batch_size",))
         trainer = Trainer(config, mesh)
         state = checkpoints.restore(step, trainer.abstract_state())
@@ -180,9 +181,10 @@ def _evaluate(
     nats, targets = trainer.score_split(
         state, tokens, name=f"the {split} split", progress=progress, stop=stop
     )
-    if stop:
-        log.info("%s received; no result written", signal.Signals(stop[0]).name)
-        raise SystemExit(128 + stop[0])
+    if any_process(bool(stop)):
+        reason = f"{signal.Signals(stop[0]).name} received" if stop else "another process stopped"
+        log.info("%s; no result written", reason)
+        raise SystemExit(128 + (stop[0] if stop else signal.SIGTERM))
     if targets != len(tokens):
         raise AssertionError(f"scored {targets} targets of a split of {len(tokens)} tokens")
     if not math.isfinite(nats):
@@ -257,7 +259,8 @@ def _evaluate(
                 "perplexity uses the prepared count", split, f"{described['words']:,}",
                 f"{published:,}",
             )
-    write_json_atomic(out, result)
+    if is_primary():
+        write_json_atomic(out, result)
     note = f" (partial: first {targets:,} tokens)" if partial else ""
     log.info("%s %s = %.4f%s; wrote %s", split, metric, result["value"], note, out)
     return result

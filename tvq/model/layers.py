@@ -19,6 +19,7 @@ from tvq.model.decode_attention import (
     vq_decode_state,
     vq_decode_step,
 )
+from tvq.model.partitioning import constrain
 from tvq.model.positions import sinusoid_table
 from tvq.model.quantizer import VectorQuantizer
 
@@ -188,7 +189,7 @@ class MLP(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         c = self.config
         hidden = _dense(c, c.d_ff, "fc_in")(rms_norm(x))
-        hidden = jnp.square(nn.relu(hidden))
+        hidden = constrain(jnp.square(nn.relu(hidden)), "data", None, "model")
         return _dense(c, c.d_model, "fc_out")(hidden)
 
 
@@ -234,7 +235,7 @@ class Block(nn.Module):
             else:
                 y = sublayer(x)
             y = nn.Dropout(c.p_dropres)(y, deterministic=not self.train)
-            x = x + self._drop_layer(y).astype(x.dtype)
+            x = constrain(x + self._drop_layer(y).astype(x.dtype), "data", None, None)
 
         aux = {
             "commit_loss": sum(a["commit_loss"] for a in attention_aux),

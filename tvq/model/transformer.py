@@ -8,6 +8,7 @@ import numpy as np
 
 from tvq.model.config import TransformerConfig
 from tvq.model.layers import rms_norm, scanned_blocks
+from tvq.model.partitioning import constrain
 from tvq.model.positions import sinusoid_row, sinusoid_table
 
 
@@ -63,6 +64,7 @@ class Transformer(nn.Module):
             positions = nn.Dropout(c.p_dropsin)(positions, deterministic=not train)
             x = x + (scale * positions).astype(x.dtype)
 
+        x = constrain(x, "data", None, None)
         x, aux = scanned_blocks(c, train, self.decode, self.decode_len)()(x, None)
 
         if c.e_preln:
@@ -77,7 +79,7 @@ class Transformer(nn.Module):
                 param_dtype=c.parameter_dtype,
                 name="unembed",
             )(x)
-        logits = logits.astype(jnp.float32) * c.e_scale
+        logits = constrain(logits.astype(jnp.float32) * c.e_scale, "data", None, "model")
 
         aux = {
             "commit_loss": jnp.sum(aux["commit_loss"]),

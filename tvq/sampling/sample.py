@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tvq.data.errors import DataError
 from tvq.data.vocab import BYTE_OFFSET, EOS_ID, encode_bytes
+from tvq.distributed import any_process, is_primary
 from tvq.evaluation.evaluate import decoded_text, load_workdir_config, restore_best_checkpoint
 from tvq.files import check_writable, write_bytes_atomic, write_text_atomic
 from tvq.model.config import ConfigError
@@ -185,7 +186,7 @@ def _sample(workdir, data_dir, out, png, settings, config, prompt_file, progress
         jax.block_until_ready(logits)
         consumed += length
         bar.update(length)
-        if stop:
+        if any_process(bool(stop)):
             break
     prompt_s = time.perf_counter() - started
 
@@ -194,7 +195,7 @@ def _sample(workdir, data_dir, out, png, settings, config, prompt_file, progress
     generated = []
     generation_started = time.perf_counter()
     for length in _chunks(settings.num_tokens):
-        if stop:
+        if any_process(bool(stop)):
             break
         cache, logits, tokens = decoder.generate(
             cache, logits, key, sum(t.shape[1] for t in generated), length,
@@ -203,9 +204,10 @@ def _sample(workdir, data_dir, out, png, settings, config, prompt_file, progress
         generated.append(np.asarray(tokens))
         bar.update(length)
     bar.close()
-    if stop:
-        log.info("%s received; no samples written", signal.Signals(stop[0]).name)
-        raise SystemExit(128 + stop[0])
+    if any_process(bool(stop)):
+        reason = f"{signal.Signals(stop[0]).name} received" if stop else "another process stopped"
+        log.info("%s; no samples written", reason)
+        raise SystemExit(128 + (stop[0] if stop else signal.SIGTERM))
     generation_s = time.perf_counter() - generation_started
     tokens = np.concatenate(generated, axis=1)
 
@@ -214,10 +216,12 @@ def _sample(workdir, data_dir, out, png, settings, config, prompt_file, progress
         texts = [subpixel_rows(row) for row in subpixels]
     else:
         texts = [decoded_text(row, manifest).decode("utf-8", errors="replace") for row in tokens]
-    # The image first: if it fails, neither output is replaced.
-    if png is not None:
+    # Every process of a multi-process job decodes the same samples; process 0 writes.
+    # The image goes first: if it fails, neither output is replaced.
+    if png is not None and is_primary():
         write_bytes_atomic(png, png_bytes(image_grid(subpixel_images(subpixels))))
-    write_text_atomic(out, format_text_samples(texts))
+    if is_primary():
+        write_text_atomic(out, format_text_samples(texts))
 
     summary = {
         "checkpoint_step": restored.step,

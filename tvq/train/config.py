@@ -53,7 +53,9 @@ class TrainConfig:
     n_eval_step: int = 16
     # Sequences per evaluation batch; a multiple of the number of devices.
     eval_batch_size: int = 8
-    # Size of the mesh's model axis; only 1 is supported until model sharding lands.
+    # Sizes of the device mesh's axes: `data` splits batches, `model` splits parameters
+    # (see tvq.train.sharding). -1 takes the devices the other axis leaves.
+    mesh_data: int = -1
     mesh_model: int = 1
     # Also log metrics to TensorBoard (needs tensorboardX) or Weights & Biases (wandb).
     tensorboard: bool = False
@@ -73,12 +75,13 @@ class TrainConfig:
 # and learning-rate schedule of the run (lowering lr_max is the usual remedy for a loss
 # that diverged), clipping, weight decay and logging. Any other difference (the model,
 # the optimiser, the batch size, the seed) makes the resumed run a different
-# experiment, so resuming is rejected.
+# experiment, so resuming is rejected. The mesh may change: checkpoints restore onto any
+# mesh shape.
 RESUMABLE_KEYS = frozenset(
     {
         "n_max_step", "lr_max", "lr_schedule", "n_warmup_step", "grad_clip", "wd_lam",
         "n_print_step", "n_save_step", "n_save_keep", "n_eval_step", "eval_batch_size",
-        "tensorboard", "wandb", "wandb_project",
+        "tensorboard", "wandb", "wandb_project", "mesh_data", "mesh_model",
     }
 )
 
@@ -96,7 +99,7 @@ def train_config_errors(config: TrainConfig) -> list[str]:
         )
     positive = (
         "global_batch_size", "n_max_step", "n_print_step", "n_save_step", "n_save_keep",
-        "n_eval_step", "eval_batch_size", "mesh_model",
+        "n_eval_step", "eval_batch_size",
     )
     for key in positive:
         value = getattr(config, key)
@@ -122,11 +125,12 @@ def train_config_errors(config: TrainConfig) -> list[str]:
             errors.append(f"{key} must be a string, got {getattr(config, key)!r}")
     if isinstance(config.lr_max, int | float) and config.lr_max == 0:
         errors.append("lr_max must be positive, got 0")
-    if config.mesh_model != 1:
-        errors.append(
-            f"mesh_model {config.mesh_model} is not supported yet; set mesh_model: 1 "
-            "(data parallelism only)"
-        )
+    for key in ("mesh_data", "mesh_model"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not (value > 0 or value == -1):
+            errors.append(f"{key} must be a positive integer or -1 (the rest), got {value!r}")
+    if config.mesh_data == -1 and config.mesh_model == -1:
+        errors.append("mesh_data and mesh_model are both -1; give one of them a size")
     for key in ("tensorboard", "wandb"):
         if not isinstance(getattr(config, key), bool):
             errors.append(f"{key} must be true or false, got {getattr(config, key)!r}")

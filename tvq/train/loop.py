@@ -33,6 +33,7 @@ import tvq
 from tvq.data.batches import train_batches
 from tvq.data.errors import DataError
 from tvq.data.splits import load_manifest, load_split, token_path
+from tvq.distributed import agreed_value, any_process, is_primary
 from tvq.files import write_json_atomic, write_text_atomic
 from tvq.model.config import ConfigError
 from tvq.train.checkpoint import Checkpoints
@@ -163,8 +164,10 @@ def validate(trainer: Trainer, state, tokens: np.ndarray, n_batches: int | None)
 def _resume(
     checkpoints: Checkpoints, trainer: Trainer, config: RunConfig, data: dict[str, Any]
 ) -> tuple[Any, int | None]:
-    step = checkpoints.latest_step()
-    if step is None:
+    # Every process must resume from the same step, whatever it lists in a shared folder.
+    latest = checkpoints.latest_step()
+    step = agreed_value(-1 if latest is None else latest)
+    if step == -1:
         return trainer.init_state(), None
     path = checkpoints.directory / str(step)
     start_over = f"or delete {checkpoints.directory.parent} (or pass a new --workdir) to start over"
@@ -188,6 +191,17 @@ def _resume(
         )
     state = checkpoints.restore(step, trainer.abstract_state())
     return state, step
+
+
+def _stop_reason(stop: list[int]) -> str:
+    if stop:
+        return f"{signal.Signals(stop[0]).name} received"
+    return "another process of the job was stopped"
+
+
+def _stop_status(stop: list[int]) -> int:
+    """Exit with the signal's status; a process stopped by another one exits like SIGTERM."""
+    return 128 + (stop[0] if stop else signal.SIGTERM)
 
 
 def _round(values) -> list:
@@ -214,13 +228,15 @@ def _train(
     train_tokens = load_tokens(config, data_dir, "train")
     validation_tokens = load_tokens(config, data_dir, "validation")
 
-    mesh = make_mesh(t.mesh_model)
+    mesh = make_mesh(t.mesh_data, t.mesh_model)
     check_batch_sizes(config, mesh.shape["data"])
     trainer = Trainer(config, mesh)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file; pass a folder")
     workdir.mkdir(parents=True, exist_ok=True)
-    with workdir_lock(workdir):
+    # The processes of one job share the workdir; process 0 holds the lock for them.
+    lock = workdir_lock(workdir) if is_primary() else contextlib.nullcontext()
+    with lock:
         return _train_locked(
             trainer, workdir, progress, stop, manifest, train_tokens, validation_tokens, started
         )
@@ -247,10 +263,10 @@ def _train_locked(
         # Orbax's background threads must stop before the interpreter exits.
         checkpoints.close()
         raise
-    if stop:
+    if any_process(bool(stop)):
         checkpoints.close()
-        log.info("%s received during start-up; nothing to save", signal.Signals(stop[0]).name)
-        raise SystemExit(128 + stop[0])
+        log.info("%s during start-up; nothing to save", _stop_reason(stop))
+        raise SystemExit(_stop_status(stop))
     start_step = int(state["step"])
     devices = jax.devices()
     log.info(
@@ -265,24 +281,29 @@ def _train_locked(
         log.info("resumed from step %d of %d (%s)", resumed, t.n_max_step, checkpoints.directory)
 
 
+    primary = is_primary()
+
     def record_config() -> None:
         """Write config.yaml, and drop a summary that no longer describes the run."""
+        if not primary:
+            return
         write_text_atomic(workdir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
         if start_step < t.n_max_step:
             (workdir / SUMMARY_FILE).unlink(missing_ok=True)
 
     if start_step >= t.n_max_step:
         record_config()
-    dropped = truncate_after(workdir / "metrics.jsonl", start_step)
+    dropped = truncate_after(workdir / "metrics.jsonl", start_step) if primary else 0
     if dropped:
         log.info(
             "dropped %d metrics.jsonl line(s) past step %d or unreadable", dropped, start_step
         )
 
     meta = {"config": config.to_dict(), "data": data, "tvq_version": tvq.__version__}
+    # Only process 0 records metrics; the others compute the same replicated values.
     metrics_log = MetricsLog(
         workdir, tensorboard=t.tensorboard, wandb=t.wandb, wandb_project=t.wandb_project,
-        run_config=config.to_dict(),
+        run_config=config.to_dict(), enabled=primary,
     )
     tokens_per_step = t.global_batch_size * c.sequence_len
     saved_step = resumed
@@ -304,6 +325,7 @@ def _train_locked(
         batches = train_batches(
             train_tokens, seed=t.seed, batch_size=t.global_batch_size,
             sequence_len=c.sequence_len, start_step=start_step, num_steps=t.n_max_step,
+            rows=trainer.local_rows(t.global_batch_size),
         )
         for step in range(start_step + 1, t.n_max_step + 1):
             tick = time.perf_counter()
@@ -376,16 +398,17 @@ def _train_locked(
                 log.info("step %d: validation loss %.4f nats/token", step, val_loss)
                 save(step, val_loss)
 
-            if stop:
-                name = signal.Signals(stop[0]).name
+            # A signal to one process stops all of them at the same step, because the
+            # others would otherwise wait for it in the next step's collectives.
+            if any_process(bool(stop)):
                 if saved_step != step:
                     save(step, None)
                 checkpoints.wait()
                 log.info(
-                    "%s received: checkpoint of step %d saved in %s; rerun the same "
-                    "command to resume", name, step, checkpoints.directory,
+                    "%s: checkpoint of step %d saved in %s; rerun the same command to "
+                    "resume", _stop_reason(stop), step, checkpoints.directory,
                 )
-                raise SystemExit(128 + stop[0])
+                raise SystemExit(_stop_status(stop))
 
         checkpoints.wait()
         best_step = checkpoints.best_step()
@@ -409,8 +432,9 @@ def _train_locked(
         "wall_time_s": time.perf_counter() - started,
         "tvq_version": tvq.__version__,
     }
-    write_curves(workdir)
-    write_json_atomic(workdir / SUMMARY_FILE, summary)
+    if primary:
+        write_curves(workdir)
+        write_json_atomic(workdir / SUMMARY_FILE, summary)
     log.info(
         "finished step %d; best validation loss %s at step %s; summary in %s",
         summary["step"], summary["best_val_loss"], summary["best_step"], workdir / SUMMARY_FILE,

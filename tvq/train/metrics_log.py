@@ -73,17 +73,25 @@ def check_loggers(*, tensorboard: bool, wandb: bool) -> None:
 
 
 class MetricsLog:
-    """Append records to metrics.jsonl and mirror scalars to the optional loggers."""
+    """Append records to metrics.jsonl and mirror scalars to the optional loggers.
+
+    With enabled=False (the processes other than 0 of a multi-process job) it opens
+    nothing and writes nothing.
+    """
 
     def __init__(
         self, workdir: Path, *, tensorboard: bool = False, wandb: bool = False,
         wandb_project: str = "tvq", run_config: dict[str, Any] | None = None,
+        enabled: bool = True,
     ):
         check_loggers(tensorboard=tensorboard, wandb=wandb)
         self.path = Path(workdir) / METRICS_FILE
-        self.file = self.path.open("a")
+        self.enabled = enabled
+        self.file = self.path.open("a") if enabled else None
         self.tensorboard = None
         self.wandb = None
+        if not enabled:
+            return
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -96,6 +104,8 @@ class MetricsLog:
             )
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         scalars = {
@@ -110,6 +120,8 @@ class MetricsLog:
             self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -22,35 +22,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from tvq.data.batches import eval_batch_count, eval_batches
+from tvq.distributed import any_process
 from tvq.model.losses import cross_entropy
 from tvq.model.transformer import Transformer
 from tvq.train.config import RunConfig
 from tvq.train.optimizer import learning_rate_schedule, make_optimizer
+from tvq.train.sharding import batch_sharding, local_rows, make_mesh, state_shardings
+
+__all__ = ["State", "Trainer", "make_mesh", "param_count", "replicated"]
 
 State = dict[str, Any]
-MESH_AXES = ("data", "model")
-
-
-def make_mesh(mesh_model: int = 1) -> Mesh:
-    """Return a mesh over every device: `model` of size mesh_model, `data` over the rest."""
-    n_device = jax.device_count()
-    if n_device % mesh_model:
-        raise ValueError(f"{n_device} devices cannot form a mesh with model axis {mesh_model}")
-    # Auto axes let XLA propagate shardings through the model from the inputs' shardings.
-    return jax.make_mesh(
-        (n_device // mesh_model, mesh_model),
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Shard the batch dimension over the data axis."""
-    return NamedSharding(mesh, PartitionSpec("data"))
 
 
 def param_count(params) -> int:
@@ -74,7 +59,9 @@ class Trainer:
         init_key, self.dropout_key = jax.random.split(jax.random.PRNGKey(t.seed))
         self._init_key = init_key
 
-        state_sharding = replicated(mesh)
+        # Each array of the state is placed by tvq.train.sharding's rules, the
+        # optimiser moments like their parameters; batches are split over `data`.
+        state_sharding = state_shardings(jax.eval_shape(self._init_state), mesh)
         data_sharding = batch_sharding(mesh)
         self.state_sharding = state_sharding
         self.data_sharding = data_sharding
@@ -87,7 +74,7 @@ class Trainer:
         )
         self._eval_step = jax.jit(
             self._score,
-            in_shardings=(state_sharding, state_sharding, data_sharding),
+            in_shardings=(state_sharding["params"], state_sharding["codebook"], data_sharding),
             out_shardings=replicated(mesh),
         )
 
@@ -105,14 +92,15 @@ class Trainer:
         }
 
     def init_state(self) -> State:
-        return self._init()
+        with jax.set_mesh(self.mesh):
+            return self._init()
 
     def abstract_state(self) -> State:
         """Shapes, dtypes and shardings of the state, without computing it."""
         shapes = jax.eval_shape(self._init_state)
         return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.state_sharding),
-            shapes,
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            shapes, self.state_sharding,
         )
 
     def _step(self, state: State, batch: dict[str, jnp.ndarray]) -> tuple[State, dict]:
@@ -187,13 +175,15 @@ class Trainer:
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         batches = eval_batches(
-            tokens, batch_size=t.eval_batch_size, sequence_len=c.sequence_len, name=name
+            tokens, batch_size=t.eval_batch_size, sequence_len=c.sequence_len, name=name,
+            rows=self.local_rows(t.eval_batch_size),
         )
         nats, targets = 0.0, 0
         bar = tqdm(total=n_batches, unit="batch", disable=not progress, desc=name)
         with bar:
             for batch in itertools.islice(batches, n_batches):
-                if stop:
+                # Every process stops at the same batch, or the others would wait for it.
+                if stop is not None and any_process(bool(stop)):
                     break
                 scored = self.score(state, batch)
                 nats += float(scored["nats"])
@@ -201,12 +191,30 @@ class Trainer:
                 bar.update(1)
         return nats, targets
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return jax.device_put(batch, self.data_sharding)
+    def local_rows(self, batch_size: int) -> slice:
+        """Return the rows of a [batch_size, T] batch that this process loads."""
+        shape = (batch_size, self.config.model.sequence_len)
+        return local_rows(self.data_sharding, shape)
+
+    def put_batch(self, batch: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+        """Assemble the global batch from this process's rows (all rows with one process)."""
+        shape = (batch_size, self.config.model.sequence_len)
+        return {
+            key: jax.make_array_from_process_local_data(self.data_sharding, value, shape)
+            for key, value in batch.items()
+        }
 
     def train_step(self, state: State, batch: dict[str, np.ndarray]) -> tuple[State, dict]:
-        return self._train_step(state, self.put_batch(batch))
+        """Run one step on this process's rows of a global training batch."""
+        batch = self.put_batch(batch, self.config.train.global_batch_size)
+        with jax.set_mesh(self.mesh):
+            return self._train_step(state, batch)
 
     def score(self, state: State, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Summed cross-entropy in nats over the batch's real targets, and their count."""
-        return self._eval_step(state["params"], state["codebook"], self.put_batch(batch))
+        """Summed cross-entropy in nats over the batch's real targets, and their count.
+
+        `batch` contains this process's rows of a global evaluation batch.
+        """
+        batch = self.put_batch(batch, self.config.train.eval_batch_size)
+        with jax.set_mesh(self.mesh):
+            return self._eval_step(state["params"], state["codebook"], batch)
