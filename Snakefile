@@ -27,17 +27,23 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
-    """The paper's result files for every dataset in config["datasets"]."""
+    """The paper's result files and the samples of every dataset in config["datasets"]."""
     default_target: True
     input:
-        [path for dataset in config["datasets"] for path in result_files(dataset)],
+        [
+            path
+            for dataset in config["datasets"]
+            for path in result_files(dataset) + sample_files(dataset)
+        ],
 
 
-# One target rule per dataset, so `snakemake --cores 1 enwik8` builds that dataset's results.
+# One target rule per dataset, so `snakemake --cores 1 enwik8` builds that dataset's results
+# and samples. The DVC evaluate stages build these targets, so they rebuild the samples
+# whenever DVC has cleared results/{dataset}/ to re-evaluate.
 for _dataset in DATASETS:
 
     rule:
         name:
             _dataset
         input:
-            result_files(_dataset),
+            result_files(_dataset) + sample_files(_dataset),

@@ -15,6 +15,7 @@ import yaml
 from tests.runs import run_tvq
 from tvq.bench import sampling
 from tvq.bench.sampling import COLUMNS
+from tvq.model.config import ConfigError
 from tvq.sampling.decoder import Decoder
 
 WIDTHS = {"d_model": 32, "d_k": 16, "n_code": 16, "n_layer": 2, "block_len": 16}
@@ -205,3 +206,8 @@ def test_cli_rejects_bad_context(tmp_path, context):
     assert "context lengths" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+def test_contexts_past_int32_positions_are_rejected():
+    with pytest.raises(ConfigError, match=r"context lengths \[2147483648\] plus 128 steps"):
+        sampling.check_contexts([1024, 2**31], 128)

@@ -338,6 +338,12 @@ def test_sample_targets_resolve(dry_repo):
     # Text datasets have no image output.
     wrong = snakemake(dry_repo, "-n", "results/enwik8/samples.png")
     assert wrong.returncode != 0
+    # An imagenet64 sample that cannot fit in one image fails while planning.
+    too_long = snakemake(dry_repo, "-n", "results/imagenet64/samples.png", "--config",
+                         "sample_num_tokens=20000")
+    assert too_long.returncode != 0
+    assert "sample_num_tokens 20000 plus the 0-byte prompt is more than the 12288" \
+        in too_long.stdout
 
 
 def test_tpu_profile_resolves_by_name(dry_repo):

@@ -1,6 +1,10 @@
 """Sampling: the token filters on hand-made logits, and `tvq sample` end to end."""
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +12,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from tests.runs import TINY_CONFIG, run_tvq, write_corpus
+from tests.runs import TINY_CONFIG, run_tvq, tvq_command, write_corpus
 from tvq.data.enwik8 import prepare_text
 from tvq.sampling.filters import filter_logits, sample_tokens
 from tvq.sampling.images import GAP_PIXELS
@@ -61,6 +65,21 @@ def test_filters_work_per_row():
     filtered = np.asarray(filter_logits(logits, 1, 1.0))
     assert np.flatnonzero(np.isfinite(filtered[0])).tolist() == [1]
     assert np.flatnonzero(np.isfinite(filtered[1])).tolist() == [3]
+
+
+def test_top_p_one_keeps_every_token():
+    # float32 cumulative sums over many tokens reach 1 before the last rank.
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 32_000)) * 3
+    assert np.isfinite(np.asarray(filter_logits(logits, 0, 1.0))).all()
+
+
+def test_draws_stay_below_vocab_size():
+    # The model has 5 outputs but the data only 3 ids; id 1 is the likeliest overall.
+    keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+    draw = jax.vmap(lambda key: sample_tokens(key, hand_made_logits(), 1.0, 0, 1.0, 3)[0])
+    tokens = np.asarray(draw(keys))
+    assert tokens.max() <= 2
+    assert set(tokens.tolist()) == {0, 1, 2}
 
 
 def test_temperature_zero_is_greedy():
@@ -146,6 +165,9 @@ def test_sample_without_prompt(byte_run, tmp_path):
         (["--num-tokens", "5", "--top-k", "-1"], "--top-k must be 0 (off) or more"),
         (["--num-tokens", "5", "--temperature", "-0.5"], "--temperature must be 0"),
         (["--num-tokens", "5", "--temperature", "nan"], "--temperature must be 0"),
+        (["--num-tokens", "5", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--num-tokens", "5", "--seed", str(2**32)], "--seed must be in [0, 2**32)"),
+        (["--num-tokens", str(2**31)], "--num-tokens must be below 2,147,483,647"),
     ],
 )
 def test_bad_arguments_are_rejected(byte_run, tmp_path, options, message):
@@ -170,6 +192,33 @@ def test_missing_checkpoint_is_an_error(byte_run, tmp_path):
     assert lines[-1].startswith("tvq sample: error: no checkpoint in ")
     assert "run `tvq train`" in lines[-1]
     assert not (tmp_path / "s.txt").exists()
+
+
+def test_huge_top_k_keeps_every_token(byte_run, tmp_path):
+    result = sample_command(byte_run, tmp_path / "s.txt", "--num-tokens", "5", "--top-k",
+                            str(2**31))
+    assert result.returncode == 0, result.stderr
+
+
+def test_early_interrupt_stops_sampling(byte_run, tmp_path):
+    """Ctrl-C before decoding starts still stops the run, with nothing written."""
+    data_dir, workdir = byte_run
+    command = tvq_command("sample", "--workdir", workdir, "--data-dir", data_dir,
+                          "--num-tokens", "1000000", "--out", tmp_path / "s.txt", "--no-progress")
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert not (tmp_path / "s.txt").exists()
+
+
+def test_prompt_folder_is_an_error(byte_run, tmp_path):
+    result = sample_command(byte_run, tmp_path / "s.txt", "--num-tokens", "5",
+                            "--prompt-file", tmp_path)
+    assert result.returncode == 1
+    assert f"prompt file {tmp_path} is a folder; pass a file" in result.stderr
 
 
 def test_missing_prompt_file_is_an_error(byte_run, tmp_path):
@@ -225,3 +274,11 @@ def test_image_samples_form_a_png_grid(byte_run, tmp_path):
     assert too_many.returncode == 1
     assert "an image has 12,288 subpixels" in too_many.stderr
     assert not (tmp_path / "big.txt").exists()
+
+    whole_image = tmp_path / "whole.bin"
+    whole_image.write_bytes(bytes(12_288))
+    too_long = run_tvq("sample", "--workdir", workdir, "--data-dir", images_dir, "--num-tokens",
+                       "1", "--prompt-file", whole_image, "--out", tmp_path / "long.txt")
+    assert too_long.returncode == 1
+    assert "has 12,288 subpixels, but one image has 12,288; shorten it to at most 12,287" \
+        in too_long.stderr

@@ -507,7 +507,7 @@ def _run_bench_sampling(args: argparse.Namespace) -> int:
         "n_layer": args.n_layer, "block_len": args.block_len, "dtype": args.dtype,
     }
     # Checked before the output's folder is created, so that bad input writes nothing.
-    sampling.check_contexts(args.contexts)
+    sampling.check_contexts(args.contexts, args.steps or 0)
     for head in args.head_types:
         sampling.model_config(head, "vq", **widths)
     if args.out is not None:
@@ -840,7 +840,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     written = args.out if args.png is None else f"{args.out} and {args.png}"
     print(
         f"wrote {written}: {summary['num_samples']} x {summary['generated_tokens']:,} tokens, "
-        f"{1e3 * summary['seconds_per_token']:.2f} ms per token step"
+        f"{1e3 * summary['seconds_per_token']:.2f} ms per token step (compilation included)"
     )
     return 0
 
@@ -959,6 +959,12 @@ def _stop_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _record_signal(signum, frame) -> None:
+    from tvq.files import STOP_SIGNALS
+
+    STOP_SIGNALS.append(signum)
+
+
 def _exit_at_once(code: int) -> None:
     """Exit without running the interpreter's shutdown, which can crash while XLA's
     threads are still compiling or running; outputs are already cleaned up or kept."""
@@ -984,7 +990,12 @@ def main(argv: list[str] | None = None) -> int:
     # train and evaluate handle signals between steps themselves; until they start, the
     # default action ends the process before anything is written.
     handles_signals = getattr(args, "handles_signals", False)
-    if not handles_signals:
+    if handles_signals:
+        # Recorded until the command's own handler takes over, which stops at its first
+        # check: an exception raised this early could land in a JAX callback and be lost.
+        signal.signal(signal.SIGTERM, _record_signal)
+        signal.signal(signal.SIGINT, _record_signal)
+    else:
         signal.signal(signal.SIGTERM, _stop_on_signal)
         signal.signal(signal.SIGINT, _stop_on_signal)
 
@@ -1036,17 +1047,23 @@ def _run_handler(args: argparse.Namespace, name: str) -> int:
     except KeyboardInterrupt:
         print(f"tvq {name}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as error:
+        print(f"{prefix} out of memory ({error}); {_memory_advice(args)}", file=sys.stderr)
+        return 1
     except Exception as error:
-        # XLA reports an allocation that does not fit as a runtime error.
-        if "RESOURCE_EXHAUSTED" not in str(error):
+        # XLA reports an allocation that does not fit as a runtime error, and the CPU
+        # backend as "Out of memory".
+        if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
             raise
         reason = str(error).strip().splitlines()[0][:300]
-        print(
-            f"{prefix} out of memory ({reason}); lower global_batch_size, sequence_len or "
-            "the model size, or set remat: full",
-            file=sys.stderr,
-        )
+        print(f"{prefix} out of memory ({reason}); {_memory_advice(args)}", file=sys.stderr)
         return 1
+
+
+def _memory_advice(args: argparse.Namespace) -> str:
+    if args.command == "sample":
+        return "lower --num-samples, or --num-tokens with full attention"
+    return "lower global_batch_size, sequence_len or the model size, or set remat: full"
 
 
 if __name__ == "__main__":

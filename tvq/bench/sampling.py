@@ -67,6 +67,8 @@ class Row:
     # "ok", "over budget", "out of memory" or "failed: <message>".
     status: str = "ok"
     compile_s: float = math.nan
+    # Milliseconds per decoding step, which adds one token to each of the batch_size
+    # sequences; tokens_per_s counts all of them.
     ms_per_token_median: float = math.nan
     ms_per_token_min: float = math.nan
     ms_per_token_max: float = math.nan
@@ -101,11 +103,22 @@ def model_config(head_type: str = "shga", attn_type: str = "vq", **widths) -> Tr
     )
 
 
-def check_contexts(contexts: list[int]) -> None:
-    """Raise ConfigError naming every context length that is not a positive integer."""
+# Decoding positions are int32, so a state holds fewer tokens than this.
+MAX_POSITIONS = 2**31 - 1
+
+
+def check_contexts(contexts: list[int], steps: int = 0) -> None:
+    """Raise ConfigError naming every context length that is not a positive integer, or
+    that leaves no room for `steps` more tokens in int32 positions."""
     bad = [T for T in contexts if isinstance(T, bool) or not isinstance(T, int) or T <= 0]
     if bad:
         raise ConfigError(f"context lengths {bad} are invalid; use positive numbers of tokens")
+    too_long = [T for T in contexts if T + steps + 1 >= MAX_POSITIONS]
+    if too_long:
+        raise ConfigError(
+            f"context lengths {too_long} plus {steps} steps exceed the {MAX_POSITIONS:,} "
+            "positions a decoding state can have; use shorter contexts"
+        )
 
 
 def tree_bytes(tree) -> int:
@@ -354,7 +367,8 @@ def run(
     where the VQ window rolls into the cache.
     """
     attn_types = list(attn_types or ["vq", "full"])
-    head_types = list(head_types or ["shga"])
+    # Each head type once, in the order given.
+    head_types = list(dict.fromkeys(head_types or ["shga"]))
     contexts = list(contexts or DEFAULT_CONTEXTS)
     widths = dict(widths or {})
     check_contexts(contexts)
@@ -371,6 +385,7 @@ def run(
     }
     first = next(iter(configs.values()))
     steps = steps if steps is not None else 2 * first.block_len
+    check_contexts(contexts, steps)
     if steps <= 0:
         raise ConfigError(f"steps must be a positive number of tokens, got {steps}")
 

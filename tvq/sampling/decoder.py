@@ -28,13 +28,23 @@ class Decoder:
 
     `variables` contains "params" and, for VQ attention, "codebook". `capacity` bounds the
     number of tokens a sequence can consume, the end-of-sequence id that starts it
-    included; only attn_type "full" allocates memory for it.
+    included; only attn_type "full" allocates memory for it. `vocab_size` limits the
+    generated ids to those below it.
     """
 
-    def __init__(self, config: TransformerConfig, variables: dict, batch_size: int, capacity: int):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        variables: dict,
+        batch_size: int,
+        capacity: int,
+        vocab_size: int | None = None,
+    ):
         self.config = config
         self.batch_size = batch_size
         self.capacity = capacity
+        # Generation draws only ids below this (default: all n_vocab outputs).
+        self.vocab_size = vocab_size
         self.model = Transformer(config, decode=True, decode_len=capacity)
         self.variables = {"params": variables["params"], "codebook": variables.get("codebook", {})}
         self._start = jax.jit(self._start_fn)
@@ -70,7 +80,10 @@ class Decoder:
             cache, logits = carry
             # Keyed on the token's index in the sample, so the draws do not depend on
             # how the generation was split into chunks.
-            token = sample_tokens(jax.random.fold_in(key, index), logits, temperature, top_k, top_p)
+            token = sample_tokens(
+                jax.random.fold_in(key, index), logits, temperature, top_k, top_p,
+                self.vocab_size,
+            )
             cache, logits = self._step(variables, cache, token)
             return (cache, logits), token
 
@@ -113,7 +126,8 @@ class Decoder:
         """
         settings = (
             jnp.asarray(temperature, jnp.float32),
-            jnp.asarray(top_k, jnp.int32),
+            # A top-k past the vocabulary keeps everything, and would overflow int32.
+            jnp.asarray(min(top_k, self.config.n_vocab), jnp.int32),
             jnp.asarray(top_p, jnp.float32),
         )
         return self._generate(

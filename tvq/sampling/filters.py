@@ -33,16 +33,33 @@ def filter_logits(logits: jnp.ndarray, top_k, top_p) -> jnp.ndarray:
     probs = jax.nn.softmax(jnp.where(keep, ranked, REMOVED), axis=-1)
     # A token stays while the tokens ranked above it sum to less than p.
     mass_above = jnp.cumsum(probs, axis=-1) - probs
-    keep = keep & ((mass_above < top_p) | (rank == 0))
+    # top_p >= 1 keeps everything even where float32 sums reach 1 before the last rank.
+    keep = keep & ((top_p >= 1) | (mass_above < top_p) | (rank == 0))
 
     # Back from rank order to token order.
     keep_by_token = jnp.zeros((B, N), bool).at[jnp.arange(B)[:, None], order].set(keep)
     return jnp.where(keep_by_token, logits, REMOVED)
 
 
-def sample_tokens(key: jax.Array, logits: jnp.ndarray, temperature, top_k, top_p) -> jnp.ndarray:
-    """Draw one token id per row of logits [B, N]; temperature 0 takes the argmax."""
+def sample_tokens(
+    key: jax.Array, logits: jnp.ndarray, temperature, top_k, top_p, vocab_size: int | None = None
+) -> jnp.ndarray:
+    """Draw one token id per row of logits [B, N]; temperature 0 takes the argmax.
+
+    vocab_size, if given, restricts the draw to ids below it: a model may have more
+    outputs (n_vocab) than its data has token ids.
+    """
+    logits = logits.astype(jnp.float32)
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, REMOVED)
     greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    drawn = jax.random.categorical(key, filter_logits(scaled, top_k, top_p), axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+
+    # Sorting the vocabulary dominates a small model's step, so it runs only when a
+    # filter is on.
+    filters_on = (top_k > 0) | (top_p < 1)
+    filtered = jax.lax.cond(
+        filters_on, lambda x: filter_logits(x, top_k, top_p), lambda x: x, scaled
+    )
+    drawn = jax.random.categorical(key, filtered, axis=-1)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)

@@ -23,9 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from tvq.data.errors import DataError
-from tvq.data.vocab import BYTE_OFFSET, EOS_ID, encode_bytes
+from tvq.data.vocab import BYTE_OFFSET, EOS_ID, decode_bytes, encode_bytes
 from tvq.distributed import any_process, is_primary
-from tvq.evaluation.evaluate import decoded_text, load_workdir_config, restore_best_checkpoint
+from tvq.evaluation.evaluate import load_workdir_config, restore_best_checkpoint
 from tvq.files import check_writable, write_bytes_atomic, write_text_atomic
 from tvq.model.config import ConfigError
 from tvq.sampling.decoder import Decoder
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # Tokens per compiled decoding call: progress is reported and signals are checked
 # between calls, and each call is one scan of this many steps.
 CHUNK_LEN = 256
+# Decoding positions are int32, so a sequence holds fewer tokens than this.
+MAX_POSITIONS = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,13 @@ class SamplingSettings:
             problems.append(f"--top-k must be 0 (off) or more, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
+        # Positions are int32 on the device.
+        if self.num_tokens >= MAX_POSITIONS:
+            problems.append(
+                f"--num-tokens must be below {MAX_POSITIONS:,}, got {self.num_tokens:,}"
+            )
         return problems
 
 
@@ -83,6 +92,8 @@ def encode_prompt(path: Path, manifest: dict[str, Any]) -> np.ndarray:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"prompt file {path} not found; pass an existing --prompt-file") from None
+    except IsADirectoryError:
+        raise DataError(f"prompt file {path} is a folder; pass a file") from None
     if manifest["vocab"]["type"] == "bytes":
         return encode_bytes(data).astype(np.int32)
 
@@ -95,6 +106,20 @@ def encode_prompt(path: Path, manifest: dict[str, Any]) -> np.ndarray:
             f"prompt file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
         ) from None
     return SentencePieceVocab(Path(manifest["vocab"]["model"])).encode(text).astype(np.int32)
+
+
+def text_decoder(manifest: dict[str, Any]):
+    """Return a function from token ids to text for the manifest's vocabulary.
+
+    Byte sequences that are not UTF-8 become U+FFFD replacement characters.
+    """
+    if manifest["vocab"]["type"] == "bytes":
+        return lambda tokens: decode_bytes(tokens).decode("utf-8", errors="replace")
+
+    from tvq.data.sentencepiece_vocab import SentencePieceVocab
+
+    vocab = SentencePieceVocab(Path(manifest["vocab"]["model"]))
+    return lambda tokens: vocab.decode(tokens)
 
 
 def _chunks(total: int) -> list[int]:
@@ -157,18 +182,35 @@ def _sample(workdir, data_dir, out, png, settings, config, prompt_file, progress
             f"prompt file {prompt_file} encodes to token id {int(prompt.max())}, outside the "
             f"model's n_vocab {config.model.n_vocab}"
         )
+    if image and len(prompt) >= SUBPIXELS_PER_IMAGE:
+        raise ConfigError(
+            f"prompt file {prompt_file} has {len(prompt):,} subpixels, but one image has "
+            f"{SUBPIXELS_PER_IMAGE:,}; shorten it to at most {SUBPIXELS_PER_IMAGE - 1:,}"
+        )
     if image and len(prompt) + settings.num_tokens > SUBPIXELS_PER_IMAGE:
         raise ConfigError(
             f"an image has {SUBPIXELS_PER_IMAGE:,} subpixels, but the prompt has "
             f"{len(prompt):,} and --num-tokens asks for {settings.num_tokens:,}; lower "
             f"--num-tokens to {SUBPIXELS_PER_IMAGE - len(prompt):,} or less"
         )
+    if 1 + len(prompt) + settings.num_tokens >= MAX_POSITIONS:
+        raise ConfigError(
+            f"the prompt's {len(prompt):,} tokens and --num-tokens {settings.num_tokens:,} "
+            f"exceed the {MAX_POSITIONS:,} positions a sequence can have; lower --num-tokens"
+        )
+    # Loaded before the checkpoint, so that a vocabulary that cannot be read stops the
+    # run before any token is generated.
+    to_text = text_decoder(manifest)
 
     restored = restore_best_checkpoint(workdir, config)
     B = settings.num_samples
     inputs = np.tile(np.concatenate([[EOS_ID], prompt]).astype(np.int32), (B, 1))
-    # Every consumed token needs a slot: the inputs and each generated token.
-    decoder = Decoder(config.model, restored.state, B, inputs.shape[1] + settings.num_tokens)
+    # Every consumed token needs a slot: the inputs and each generated token. The draw
+    # is limited to the data's ids, which n_vocab may exceed.
+    decoder = Decoder(
+        config.model, restored.state, B, inputs.shape[1] + settings.num_tokens,
+        vocab_size=manifest["vocab"]["size"],
+    )
     log.info(
         "sampling %d x %s tokens after a %s-token prompt with the checkpoint of step %d "
         "(temperature %g, top-k %d, top-p %g, seed %d)",
@@ -215,7 +257,7 @@ def _sample(workdir, data_dir, out, png, settings, config, prompt_file, progress
         subpixels = np.concatenate([inputs[:, 1:], tokens], axis=1)
         texts = [subpixel_rows(row) for row in subpixels]
     else:
-        texts = [decoded_text(row, manifest).decode("utf-8", errors="replace") for row in tokens]
+        texts = [to_text(row) for row in tokens]
     # Every process of a multi-process job decodes the same samples; process 0 writes.
     # The image goes first: if it fails, neither output is replaced.
     if png is not None and is_primary():

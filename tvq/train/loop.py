@@ -34,7 +34,7 @@ from tvq.data.batches import train_batches
 from tvq.data.errors import DataError
 from tvq.data.splits import load_manifest, load_split, token_path
 from tvq.distributed import agreed_value, any_process, is_primary
-from tvq.files import write_json_atomic, write_text_atomic
+from tvq.files import STOP_SIGNALS, write_json_atomic, write_text_atomic
 from tvq.model.config import ConfigError
 from tvq.train.checkpoint import Checkpoints
 from tvq.train.config import RunConfig, config_differences
@@ -136,8 +136,9 @@ def stop_requests() -> Iterator[list[int]]:
     """Turn SIGTERM and the first SIGINT into a stop request, checked between steps.
 
     Yields a list that receives the signal number. A second SIGINT interrupts at once.
+    Signals that `tvq.cli.main` recorded before this started count as received.
     """
-    received: list[int] = []
+    received: list[int] = list(STOP_SIGNALS)
 
     def request_stop(signum, frame):
         if signum == signal.SIGINT and received:

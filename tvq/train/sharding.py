@@ -65,8 +65,8 @@ def resolve_mesh_shape(mesh_data: int, mesh_model: int, n_device: int) -> tuple[
         if n_device % known:
             key = "mesh_model" if mesh_data == -1 else "mesh_data"
             raise ConfigError(
-                f"{key} {known} does not divide the {n_device} devices; pick a divisor of "
-                f"{n_device}"
+                f"{key} {known} does not divide the {n_device} devices; set it to a divisor "
+                f"of {n_device}, such as --set {key}=1"
             )
         rest = n_device // known
         return (rest, known) if mesh_data == -1 else (known, rest)

@@ -18,13 +18,35 @@ def sample_files(dataset):
     return [f"results/{dataset}/samples.txt"]
 
 
+def sample_num_tokens(dataset):
+    """Return the tokens per sample; an imagenet64 sample fills one image after the prompt."""
+    num_tokens = config["sample_num_tokens"]
+    if dataset != "imagenet64":
+        return SAMPLE_DEFAULT_TOKENS[dataset] if num_tokens is None else num_tokens
+
+    prompt = config["sample_prompt_file"]
+    prompt_len = os.path.getsize(prompt) if prompt is not None and os.path.isfile(prompt) else 0
+    room = SUBPIXELS_PER_IMAGE - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"sample_prompt_file {prompt} has {prompt_len} bytes, but one imagenet64 image has "
+            f"{SUBPIXELS_PER_IMAGE} subpixels; shorten it, or remove imagenet64 from datasets"
+        )
+    if num_tokens is None:
+        return room
+    if num_tokens > room:
+        raise ValueError(
+            f"sample_num_tokens {num_tokens} plus the {prompt_len}-byte prompt is more than the "
+            f"{SUBPIXELS_PER_IMAGE} subpixels of one imagenet64 image; set sample_num_tokens to "
+            f"{room} or less, or to null"
+        )
+    return num_tokens
+
+
 def sample_options(dataset):
     """Return the `tvq sample` options from the pipeline config."""
-    num_tokens = config["sample_num_tokens"]
-    if num_tokens is None:
-        num_tokens = SAMPLE_DEFAULT_TOKENS[dataset]
     options = [
-        f"--num-tokens {num_tokens}",
+        f"--num-tokens {sample_num_tokens(dataset)}",
         f"--num-samples {config['sample_num_samples']}",
         f"--temperature {config['sample_temperature']}",
         f"--top-k {config['sample_top_k']}",
@@ -36,9 +58,10 @@ def sample_options(dataset):
     return " ".join(options)
 
 
-# Tokens per sample when sample_num_tokens is null: about a page of text, or one whole
-# 64 x 64 x 3 image.
-SAMPLE_DEFAULT_TOKENS = {"enwik8": 2000, "pg19": 500, "imagenet64": 12288}
+# Tokens per sample when sample_num_tokens is null: about a page of text. An imagenet64
+# sample fills the rest of one 64 x 64 x 3 image after the prompt.
+SAMPLE_DEFAULT_TOKENS = {"enwik8": 2000, "pg19": 500}
+SUBPIXELS_PER_IMAGE = 64 * 64 * 3
 
 SAMPLE_COMMAND = (
     "{params.launcher}tvq sample --workdir {params.workdir} --data-dir data/{wildcards.dataset}"
