@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,9 @@ from tvq.train.loop import (
     check_data,
     data_fingerprint,
     load_tokens,
+    stop_reason,
     stop_requests,
+    stop_status,
 )
 from tvq.train.step import Trainer, make_mesh, param_count
 
@@ -182,9 +183,8 @@ def _evaluate(
         state, tokens, name=f"the {split} split", progress=progress, stop=stop
     )
     if any_process(bool(stop)):
-        reason = f"{signal.Signals(stop[0]).name} received" if stop else "another process stopped"
-        log.info("%s; no result written", reason)
-        raise SystemExit(128 + (stop[0] if stop else signal.SIGTERM))
+        log.info("%s; no result written", stop_reason(stop))
+        raise SystemExit(stop_status(stop))
     if targets != len(tokens):
         raise AssertionError(f"scored {targets} targets of a split of {len(tokens)} tokens")
     if not math.isfinite(nats):

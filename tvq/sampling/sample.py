@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from tvq.sampling.images import (
     subpixel_images,
 )
 from tvq.train.config import RunConfig
-from tvq.train.loop import check_data, stop_requests
+from tvq.train.loop import check_data, stop_reason, stop_requests, stop_status
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +246,8 @@ def _sample(workdir, data_dir, out, png, settings, config, prompt_file, progress
         bar.update(length)
     bar.close()
     if any_process(bool(stop)):
-        reason = f"{signal.Signals(stop[0]).name} received" if stop else "another process stopped"
-        log.info("%s; no samples written", reason)
-        raise SystemExit(128 + (stop[0] if stop else signal.SIGTERM))
+        log.info("%s; no samples written", stop_reason(stop))
+        raise SystemExit(stop_status(stop))
     generation_s = time.perf_counter() - generation_started
     tokens = np.concatenate(generated, axis=1)
 

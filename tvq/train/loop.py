@@ -194,13 +194,14 @@ def _resume(
     return state, step
 
 
-def _stop_reason(stop: list[int]) -> str:
+def stop_reason(stop: list[int]) -> str:
+    """Describe why a command stops: its own signal, or another process's."""
     if stop:
         return f"{signal.Signals(stop[0]).name} received"
     return "another process of the job was stopped"
 
 
-def _stop_status(stop: list[int]) -> int:
+def stop_status(stop: list[int]) -> int:
     """Exit with the signal's status; a process stopped by another one exits like SIGTERM."""
     return 128 + (stop[0] if stop else signal.SIGTERM)
 
@@ -266,8 +267,8 @@ def _train_locked(
         raise
     if any_process(bool(stop)):
         checkpoints.close()
-        log.info("%s during start-up; nothing to save", _stop_reason(stop))
-        raise SystemExit(_stop_status(stop))
+        log.info("%s during start-up; nothing to save", stop_reason(stop))
+        raise SystemExit(stop_status(stop))
     start_step = int(state["step"])
     devices = jax.devices()
     log.info(
@@ -407,9 +408,9 @@ def _train_locked(
                 checkpoints.wait()
                 log.info(
                     "%s: checkpoint of step %d saved in %s; rerun the same command to "
-                    "resume", _stop_reason(stop), step, checkpoints.directory,
+                    "resume", stop_reason(stop), step, checkpoints.directory,
                 )
-                raise SystemExit(_stop_status(stop))
+                raise SystemExit(stop_status(stop))
 
         checkpoints.wait()
         best_step = checkpoints.best_step()
