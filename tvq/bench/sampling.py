@@ -38,6 +38,7 @@ from tvq.bench.throughput import (
 )
 from tvq.bench.timing import failure_status, record_step_times, time_steps
 from tvq.model.config import ConfigError, TransformerConfig
+from tvq.model.decode_attention import MAX_POSITIONS
 from tvq.model.transformer import Transformer
 from tvq.sampling.decoder import Cache, Decoder
 
@@ -103,8 +104,6 @@ def model_config(head_type: str = "shga", attn_type: str = "vq", **widths) -> Tr
     )
 
 
-# Decoding positions are int32, so a state holds fewer tokens than this.
-MAX_POSITIONS = 2**31 - 1
 
 
 def check_contexts(contexts: list[int], steps: int = 0) -> None:

@@ -27,6 +27,9 @@ from tvq.model.cache import block_code_sums
 
 State = dict[str, jnp.ndarray]
 
+# A state's position is int32, so a decoded sequence has fewer tokens than this.
+MAX_POSITIONS = 2**31 - 1
+
 # The arrays of each state, in the order the layers declare them as "cache" variables.
 VQ_STATE_KEYS = ("position", "r", "k_window", "v_window", "z_window", "counts", "sums")
 FULL_STATE_KEYS = ("position", "r", "k_cache", "v_cache")
@@ -201,8 +204,8 @@ def full_decode_step(
     `jax.lax.dynamic_update_slice` would silently clamp a write past the end.
 
     NOTE: under the model's scan over layers, the compiled step copies each layer's
-    [B, h, C, K] and [B, h, C, V] cache instead of updating it in place, so this
-    baseline's per-token time grows faster with C than reading the cache requires.
+    [B, h, C, K] and [B, h, C, V] cache instead of updating it in place. This baseline's
+    per-token time therefore grows faster with C than reading the cache requires.
     """
     B, h, G, K = q.shape
     C = state["k_cache"].shape[2]

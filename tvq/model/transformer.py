@@ -25,9 +25,9 @@ class Transformer(nn.Module):
 
     With `decode`, inputs are one token per sequence [B, 1] and each attention layer
     keeps a decoding state in the "cache" collection (tvq.model.decode_attention).
-    The first apply with "cache" mutable creates the empty state and returns
-    meaningless logits; each later one consumes one token and returns the logits for
-    the next. `decode_len` is the key/value cache capacity of attn_type "full".
+    The first apply with "cache" mutable creates the empty state, and its logits are
+    meaningless. Each later apply consumes one token and returns the logits for the
+    next. `decode_len` is the key/value cache capacity of attn_type "full".
     """
 
     config: TransformerConfig

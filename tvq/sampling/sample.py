@@ -27,6 +27,7 @@ from tvq.distributed import any_process, is_primary
 from tvq.evaluation.evaluate import load_workdir_config, restore_best_checkpoint
 from tvq.files import check_writable, write_bytes_atomic, write_text_atomic
 from tvq.model.config import ConfigError
+from tvq.model.decode_attention import MAX_POSITIONS
 from tvq.sampling.decoder import Decoder
 from tvq.sampling.images import (
     IMAGE_SHAPE,
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 # Tokens per compiled decoding call: progress is reported and signals are checked
 # between calls, and each call is one scan of this many steps.
 CHUNK_LEN = 256
-# Decoding positions are int32, so a sequence holds fewer tokens than this.
-MAX_POSITIONS = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
